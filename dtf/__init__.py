@@ -1,0 +1,22 @@
+"""dtf: data-parallel Keras training on TensorFlow — strategies, sharded input, LR scaling, tuning."""
+from dtf import logs as _logs
+
+_logs.quiet_tensorflow()
+with _logs.silenced_stderr():
+    import tensorflow as _tf  # noqa: E402
+import keras as _keras  # noqa: E402
+
+from dtf.errors import UserError  # noqa: E402
+from dtf.versions import check_versions as _check_versions  # noqa: E402
+
+try:
+    _check_versions(_tf.__version__, _keras.__version__)
+except UserError as _e:
+    raise ImportError(str(_e)) from None
+
+from dtf.cluster import ClusterInfo, build_tf_config, parse_tf_config  # noqa: E402
+from dtf.strategy import create_strategy, simulate_cpu_devices  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["ClusterInfo", "UserError", "build_tf_config", "create_strategy", "parse_tf_config",
+           "simulate_cpu_devices"]

@@ -1,0 +1,86 @@
+"""Chief-aware Keras callbacks: only the chief writes to the real directory.
+
+Keras 3's BackupAndRestore, ModelCheckpoint and TensorBoard have no multi-worker logic (tf_keras had
+`distributed_file_utils`), so every worker writes the same files and they clobber each other or fail on h5 locks.
+Here non-chief workers still do the writing (saving may read synchronized variables, so every worker must take part)
+but into a private temporary directory that is removed when training ends. Restores read the chief's directory, so
+after all workers restart they resume from the same state (the directory must be shared storage in a real cluster).
+"""
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import keras
+
+from dtf import cluster as cluster_lib
+
+
+def write_dir(path: str, info: Optional[cluster_lib.ClusterInfo] = None) -> str:
+    """Where this worker writes what belongs in `path`: `path` itself on the chief, a private temp dir elsewhere."""
+    info = info or cluster_lib.parse_tf_config()
+    if info.is_chief:
+        os.makedirs(path, exist_ok=True)
+        return path
+    return tempfile.mkdtemp(prefix=f"dtf-{info.worker_id}-")
+
+
+def _remove_if_private(path: str, real_path: str):
+    if path != real_path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` that restores every worker from the chief's backup and lets only the
+    chief write there. `delete_checkpoint` defaults to False: a finished run keeps its last backup, so rerunning the
+    same job does not train again from scratch."""
+
+    def __init__(self, backup_dir: str, save_freq="epoch", delete_checkpoint: bool = False,
+                 cluster: Optional[cluster_lib.ClusterInfo] = None):
+        self._real_dir = backup_dir
+        self._own_dir = write_dir(backup_dir, cluster)
+        super().__init__(self._own_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
+
+    def _point_at(self, directory: str):
+        self.backup_dir = directory
+        self._weights_path = os.path.join(directory, "latest.weights.h5")
+        self._training_metadata_path = os.path.join(directory, "training_metadata.json")
+        self._prev_weights_path = f"{self._weights_path}.bkp"
+        self._prev_training_metadata_path = f"{self._training_metadata_path}.bkp"
+
+    def on_train_begin(self, logs=None):
+        self._point_at(self._real_dir)
+        try:
+            super().on_train_begin(logs)
+        finally:
+            self._point_at(self._own_dir)
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        _remove_if_private(self._own_dir, self._real_dir)
+
+
+class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`keras.callbacks.ModelCheckpoint` whose file lands in the real directory only on the chief."""
+
+    def __init__(self, filepath: str, cluster: Optional[cluster_lib.ClusterInfo] = None, **kwargs):
+        real_dir = os.path.dirname(filepath) or "."
+        self._own_dir, self._real_dir = write_dir(real_dir, cluster), real_dir
+        super().__init__(os.path.join(self._own_dir, os.path.basename(filepath)), **kwargs)
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        _remove_if_private(self._own_dir, self._real_dir)
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` whose event files land in `log_dir` only on the chief."""
+
+    def __init__(self, log_dir: str, cluster: Optional[cluster_lib.ClusterInfo] = None, **kwargs):
+        self._real_dir = log_dir
+        self._own_dir = write_dir(log_dir, cluster)
+        super().__init__(log_dir=self._own_dir, **kwargs)
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        _remove_if_private(self._own_dir, self._real_dir)

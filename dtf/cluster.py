@@ -1,0 +1,197 @@
+"""TF_CONFIG: parse and validate it into a typed ClusterInfo, or build it from worker_hosts/task_index.
+
+TensorFlow reads TF_CONFIG itself, but reports a malformed one late and obscurely (often as a hang). dtf validates it
+up front and says which field is wrong and how to fix it.
+"""
+import dataclasses
+import json
+import os
+import socket
+from typing import Dict, List, Optional
+
+from dtf.errors import UserError
+
+TASK_TYPES = ("chief", "worker", "ps", "evaluator")
+# Tasks that train and take part in the all-reduce (the evaluator only reads checkpoints).
+TRAINING_TASK_TYPES = ("chief", "worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+    """Where this process sits in the cluster. A process without TF_CONFIG is a one-worker 'cluster'."""
+
+    cluster: Dict[str, List[str]]
+    task_type: Optional[str]
+    task_index: int
+    rpc_layer: Optional[str] = None
+
+    @property
+    def num_workers(self) -> int:
+        """Training processes: the chief (if any) plus the workers."""
+        return sum(len(self.cluster.get(t, [])) for t in TRAINING_TASK_TYPES) or 1
+
+    @property
+    def is_multi_worker(self) -> bool:
+        return self.num_workers > 1
+
+    @property
+    def is_chief(self) -> bool:
+        """The chief task, or worker 0 when there is no chief (TensorFlow's rule)."""
+        if self.task_type is None:
+            return True
+        if self.task_type == "chief":
+            return True
+        return self.task_type == "worker" and self.task_index == 0 and "chief" not in self.cluster
+
+    @property
+    def worker_addresses(self) -> List[str]:
+        return list(self.cluster.get("chief", [])) + list(self.cluster.get("worker", []))
+
+    @property
+    def address(self) -> Optional[str]:
+        if self.task_type is None:
+            return None
+        return self.cluster[self.task_type][self.task_index]
+
+    @property
+    def worker_id(self) -> str:
+        """A short stable name for logs and per-worker temporary directories, e.g. 'worker_1'."""
+        return "local" if self.task_type is None else f"{self.task_type}_{self.task_index}"
+
+    def to_tf_config(self) -> str:
+        config = {"cluster": self.cluster, "task": {"type": self.task_type, "index": self.task_index}}
+        if self.rpc_layer:
+            config["rpc_layer"] = self.rpc_layer
+        return json.dumps(config)
+
+    def describe(self) -> str:
+        if not self.is_multi_worker:
+            return "single worker"
+        role = "chief" if self.is_chief else "non-chief"
+        return f"{self.worker_id} of {self.num_workers} workers ({role}) at {self.address}"
+
+
+LOCAL = ClusterInfo(cluster={}, task_type=None, task_index=0)
+
+
+def _check_address(address, where: str):
+    if not isinstance(address, str) or address.count(":") < 1:
+        raise UserError(f"TF_CONFIG {where}: address {address!r} is not host:port; write e.g. \"127.0.0.1:12345\"")
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(
+            f"TF_CONFIG {where}: address {address!r} is not host:port with a port in 1-65535; "
+            "write e.g. \"127.0.0.1:12345\""
+        )
+
+
+def parse_tf_config(text: Optional[str] = None) -> ClusterInfo:
+    """Parse TF_CONFIG (the environment's when `text` is None) into a validated ClusterInfo."""
+    if text is None:
+        text = os.environ.get("TF_CONFIG", "")
+    if not text.strip():
+        return LOCAL
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"TF_CONFIG is not valid JSON ({e.msg} at char {e.pos}); "
+                        "set it to e.g. {\"cluster\": {\"worker\": [...]}, \"task\": {\"type\": \"worker\", \"index\": 0}}")
+    if not isinstance(config, dict):
+        raise UserError("TF_CONFIG must be a JSON object with 'cluster' and 'task' keys")
+    cluster = config.get("cluster")
+    if not cluster:
+        raise UserError("TF_CONFIG has no 'cluster'; add \"cluster\": {\"worker\": [\"host:port\", ...]}")
+    if not isinstance(cluster, dict):
+        raise UserError("TF_CONFIG 'cluster' must be an object mapping task type to a list of host:port")
+    seen = {}
+    for task_type, addresses in cluster.items():
+        if task_type not in TASK_TYPES:
+            raise UserError(f"TF_CONFIG cluster has unknown task type {task_type!r}; valid: {', '.join(TASK_TYPES)}")
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        if not isinstance(addresses, list) or not addresses:
+            raise UserError(f"TF_CONFIG cluster.{task_type} is empty; list at least one host:port or remove it")
+        for i, address in enumerate(addresses):
+            _check_address(address, f"cluster.{task_type}[{i}]")
+            if address in seen:
+                raise UserError(f"TF_CONFIG address {address} is used by both {seen[address]} and "
+                                f"{task_type}[{i}]; give every task its own port")
+            seen[address] = f"{task_type}[{i}]"
+        cluster[task_type] = list(addresses)
+    if len(cluster.get("chief", [])) > 1:
+        raise UserError("TF_CONFIG cluster.chief has more than one address; a cluster has at most one chief")
+    if not any(cluster.get(t) for t in TRAINING_TASK_TYPES):
+        raise UserError("TF_CONFIG cluster has no 'worker' or 'chief' tasks; list the training workers")
+    task = config.get("task")
+    if not task:
+        raise UserError("TF_CONFIG has no 'task'; add \"task\": {\"type\": \"worker\", \"index\": N} for this process")
+    if not isinstance(task, dict) or "type" not in task:
+        raise UserError("TF_CONFIG 'task' must be an object with 'type' and 'index'")
+    task_type = task["type"]
+    if task_type not in TASK_TYPES:
+        raise UserError(f"TF_CONFIG task.type {task_type!r} is unknown; valid: {', '.join(TASK_TYPES)}")
+    if task_type not in cluster:
+        raise UserError(f"TF_CONFIG task.type is {task_type!r} but the cluster has no {task_type!r} tasks; "
+                        f"valid here: {', '.join(cluster)}")
+    index = task.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise UserError(f"TF_CONFIG task.index must be an integer, got {index!r}")
+    if not 0 <= index < len(cluster[task_type]):
+        raise UserError(f"TF_CONFIG task.index {index} is out of range: cluster.{task_type} has "
+                        f"{len(cluster[task_type])} address(es), so use 0..{len(cluster[task_type]) - 1}")
+    return ClusterInfo(cluster=cluster, task_type=task_type, task_index=index, rpc_layer=config.get("rpc_layer"))
+
+
+def build_tf_config(worker_hosts, task_index: int, task_type: str = "worker") -> str:
+    """TF_CONFIG JSON for `worker_hosts` ("h1:p1,h2:p2" or a list) and this process's task index.
+
+    The first worker is the chief (TensorFlow's worker-0 rule), as with `--worker_hosts/--task_index` in peers.
+    """
+    if isinstance(worker_hosts, str):
+        worker_hosts = [h.strip() for h in worker_hosts.split(",") if h.strip()]
+    if not worker_hosts:
+        raise UserError("--worker_hosts is empty; give a comma-separated host:port list, e.g. 127.0.0.1:2222,127.0.0.1:2223")
+    text = json.dumps({"cluster": {"worker": list(worker_hosts)}, "task": {"type": task_type, "index": task_index}})
+    try:
+        parse_tf_config(text)
+    except UserError as e:
+        raise UserError(str(e).replace("TF_CONFIG task.index", "--task_index").replace("TF_CONFIG", "--worker_hosts"))
+    return text
+
+
+def resolve_cluster(worker_hosts=None, task_index=None) -> ClusterInfo:
+    """The cluster from --worker_hosts/--task_index if given (and export it as TF_CONFIG), else from TF_CONFIG."""
+    if worker_hosts:
+        if task_index is None:
+            raise UserError("--worker_hosts needs --task_index (this process's position in the list)")
+        if os.environ.get("TF_CONFIG"):
+            raise UserError("both TF_CONFIG and --worker_hosts are set; use one of them")
+        os.environ["TF_CONFIG"] = build_tf_config(worker_hosts, task_index)
+    elif task_index not in (None, 0):
+        raise UserError("--task_index is set without --worker_hosts; give both, or neither and use TF_CONFIG")
+    return parse_tf_config()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> List[int]:
+    """`count` distinct free TCP ports on `host`, held open together so none is handed out twice.
+
+    The OS may still give a port away between this call and the worker binding it; the launcher retries with fresh
+    ports when a worker fails to bind.
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def local_cluster(num_workers: int, host: str = "127.0.0.1") -> List[str]:
+    """TF_CONFIG strings for `num_workers` processes on loopback ports (worker 0 is the chief)."""
+    hosts = [f"{host}:{port}" for port in free_ports(num_workers, host)]
+    return [build_tf_config(hosts, i) for i in range(num_workers)]

@@ -1,0 +1,53 @@
+"""Supported TensorFlow/Keras versions, checked at import.
+
+`dtf.keras_compat` patches private Keras internals, so dtf refuses to run on versions it was not tested on rather
+than patch blindly. Widen these ranges only after the equivalence tests pass on the new version (BUILD_NOTES.md).
+"""
+from dtf.errors import UserError
+
+TENSORFLOW_RANGE = ((2, 21), (2, 22))  # [min, max)
+KERAS_RANGE = ((3, 15), (3, 16))
+
+
+def _major_minor(version: str) -> tuple:
+    parts = version.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def _in_range(version: str, bounds) -> bool:
+    low, high = bounds
+    return low <= _major_minor(version) < high
+
+
+def _fmt(bounds) -> str:
+    (a, b), (c, d) = bounds
+    return f">={a}.{b},<{c}.{d}"
+
+
+def check_versions(tf_version: str, keras_version: str):
+    """Raise UserError naming the installed and supported versions if either is outside the tested range."""
+    problems = []
+    if not _in_range(tf_version, TENSORFLOW_RANGE):
+        problems.append(f"tensorflow {tf_version} (supported: {_fmt(TENSORFLOW_RANGE)})")
+    if not _in_range(keras_version, KERAS_RANGE):
+        problems.append(f"keras {keras_version} (supported: {_fmt(KERAS_RANGE)})")
+    if problems:
+        raise UserError(
+            "dtf does not support " + " and ".join(problems)
+            + "; install the supported versions with `pip install -e .` (see BUILD_NOTES.md)"
+        )
+
+
+def versions() -> dict:
+    """Versions recorded in summaries and notes."""
+    import keras
+    import tensorflow as tf
+    import platform
+
+    out = {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__}
+    for name in ("tensorflow_datasets", "keras_tuner"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out

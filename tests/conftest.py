@@ -1,0 +1,69 @@
+"""Shared test helpers. Multi-worker tests run real worker processes on 127.0.0.1 via `dtf.procs`."""
+import os
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER_TIMEOUT_S = float(os.environ.get("DTF_TEST_WORKER_TIMEOUT", "300"))
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests"),
+                                                         os.environ.get("PYTHONPATH", "")]))
+
+
+def _script(tmp_path, code: str):
+    script = tmp_path / f"script_{abs(hash(code))}.py"
+    script.write_text("import json, os, sys\n"
+                      f"OUT = {str(tmp_path)!r}\n"
+                      "TASK = json.loads(os.environ.get('TF_CONFIG') or '{\"task\": {\"index\": 0}}')['task']['index']\n"
+                      + textwrap.dedent(code))
+    return script
+
+
+@pytest.fixture
+def run_python(tmp_path):
+    """run_python(code, timeout_s=...) -> CompletedProcess: `code` in a fresh interpreter (e.g. to get its own
+    logical-device split), with OUT and TASK globals as in `run_workers`; fails the test on a non-zero exit."""
+    import subprocess
+
+    def run(code: str, timeout_s: float = WORKER_TIMEOUT_S, env=None, expect_ok=True):
+        full_env = _env()
+        full_env.update(env or {})
+        proc = subprocess.run([sys.executable, str(_script(tmp_path, code))], env=full_env, cwd=str(tmp_path),
+                              capture_output=True, text=True, timeout=timeout_s)
+        if expect_ok and proc.returncode != 0:
+            pytest.fail(f"script failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def run_workers(tmp_path):
+    """run_workers(code, num_workers, timeout_s=...) -> GroupResult. The script gets OUT (a per-test directory) and
+    TASK (its worker index) as globals; it fails the test if any worker fails or times out."""
+    from dtf import procs
+
+    def run(code: str, num_workers: int, timeout_s: float = WORKER_TIMEOUT_S, env=None, expect_ok=True):
+        script = _script(tmp_path, code)
+        full_env = _env()
+        full_env.update(env or {})
+        result = procs.run_local_workers([sys.executable, str(script)], num_workers, env=full_env,
+                                         cwd=str(tmp_path), timeout_s=timeout_s)
+        if expect_ok and not result.ok:
+            pytest.fail(f"workers failed (timed_out={result.timed_out}):\n{result.report()}")
+        return result
+
+    return run
+
+
+def pytest_configure(config):
+    """Give the pytest process 4 logical CPU devices before TensorFlow initializes, so in-process tests can build a
+    4-replica MirroredStrategy. Other replica counts need their own process (`run_python`): TF's collective group
+    keys clash between mirrored strategies of different sizes in one process."""
+    import dtf
+
+    dtf.simulate_cpu_devices(4)
