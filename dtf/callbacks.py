@@ -6,6 +6,7 @@ Here non-chief workers still do the writing (saving may read synchronized variab
 but into a private temporary directory that is removed when training ends. Restores read the chief's directory, so
 after all workers restart they resume from the same state (the directory must be shared storage in a real cluster).
 """
+import json
 import os
 import shutil
 import tempfile
@@ -54,6 +55,28 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             super().on_train_begin(logs)
         finally:
             self._point_at(self._own_dir)
+
+    # Keras records the epoch only, so a restore from a mid-epoch backup would replay the whole epoch on top of
+    # weights that already saw part of it. dtf also records `steps_done` in the epoch, and backs up at every epoch
+    # end even when `save_freq` is a step count; `step_offset` is set by a run that starts mid-epoch.
+    step_offset = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
+        self._steps_done = self.step_offset
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps_done = self.step_offset + batch + 1
+        super().on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._current_epoch, self._steps_done, self._last_batch_seen = epoch + 1, 0, 0
+        self._save_model()
+
+    def _save_model(self):
+        super()._save_model()
+        with open(self._training_metadata_path, "w") as f:
+            json.dump({"epoch": self._current_epoch, "steps_done": self._steps_done}, f)
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)

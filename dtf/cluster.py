@@ -195,3 +195,15 @@ def local_cluster(num_workers: int, host: str = "127.0.0.1") -> List[str]:
     """TF_CONFIG strings for `num_workers` processes on loopback ports (worker 0 is the chief)."""
     hosts = [f"{host}:{port}" for port in free_ports(num_workers, host)]
     return [build_tf_config(hosts, i) for i in range(num_workers)]
+
+
+def tf_config_from_slurm() -> str:
+    """TF_CONFIG for this Slurm task (one worker per task, task 0 the chief), from TF's SlurmClusterResolver."""
+    if "SLURM_PROCID" not in os.environ:
+        raise UserError("--cluster_resolver=slurm but this is not a Slurm task (no SLURM_PROCID); "
+                        "run it under srun/sbatch or use TF_CONFIG")
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(jobs={"worker": int(os.environ["SLURM_NTASKS"])})
+    cluster = resolver.cluster_spec().as_dict()
+    return json.dumps({"cluster": cluster, "task": {"type": resolver.task_type, "index": resolver.task_id}})

@@ -1,0 +1,51 @@
+"""What every dtf command-line tool shares: quiet TensorFlow unless asked, absl flag parsing with one-line errors
+(exit 2, no traceback) for user mistakes, and `--helpfull`."""
+import os
+import sys
+from typing import Callable, List
+
+EXIT_USAGE = 2
+
+
+def _wants_debug(argv: List[str]) -> bool:
+    """absl's --verbosity (-v) >= 1 shows TensorFlow's own logs; read before TensorFlow is imported."""
+    for i, arg in enumerate(argv):
+        for prefix in ("--verbosity=", "-v="):
+            if arg.startswith(prefix):
+                return arg[len(prefix):].lstrip("-").isdigit() and int(arg[len(prefix):]) >= 1
+        if arg in ("--verbosity", "-v") and i + 1 < len(argv):
+            return argv[i + 1].isdigit() and int(argv[i + 1]) >= 1
+    return False
+
+
+def fail(prog: str, message: str, code: int = EXIT_USAGE):
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.exit(code)
+
+
+def main(prog: str, define: Callable[[], None], body: Callable[[List[str]], int], argv=None):
+    """Parse flags (absl: --flagfile, nesting, command line overrides the file), then run `body(rest_argv)`.
+
+    A `UserError` or a flag error anywhere becomes one line on stderr and exit status 2."""
+    argv = list(sys.argv if argv is None else argv)
+    if _wants_debug(argv):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    from absl import app, flags
+
+    from dtf import logs
+    from dtf.errors import UserError
+
+    app.define_help_flags()
+    define()
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(prog, str(e).replace("\n", " "))
+    if flags.FLAGS["verbosity"].value >= 1:
+        logs.set_verbosity("debug")
+    try:
+        return body(rest)
+    except UserError as e:
+        fail(prog, str(e).replace("\n", " "))
+    except KeyboardInterrupt:
+        fail(prog, "interrupted", 130)

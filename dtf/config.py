@@ -1,0 +1,156 @@
+"""The typed experiment config: one frozen dataclass that `dtf.run` builds from flags and `dtf.tune` builds per trial.
+
+Each field carries its flag's group, help text and constraints, so flags (`dtf.flags`), validation and the resolved
+flagfile (`to_flagfile`) all come from this one list and cannot disagree.
+"""
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+from dtf.errors import UserError
+from dtf.scaling import LR_SCALING_RULES, OPTIMIZERS, SCHEDULES
+from dtf.strategy import COMMUNICATIONS, CROSS_DEVICE_OPS, STRATEGIES
+
+
+def _f(default, group, help, choices=None, lower=None, positive=False):
+    return dataclasses.field(default=default, metadata=dict(group=group, help=help, choices=choices, lower=lower,
+                                                            positive=positive))
+
+
+CLUSTER_RESOLVERS = ("tf_config", "slurm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # --- strategy
+    strategy: str = _f("auto", "strategy", "Distribution strategy; auto = multi_worker under a multi-worker "
+                       "TF_CONFIG, mirrored with >1 GPU or --num_cpu_devices>1, else default.", STRATEGIES)
+    num_cpu_devices: Optional[int] = _f(None, "strategy", "Split the CPU into this many logical devices so "
+                                        "mirrored training runs on a laptop.", lower=1)
+    num_gpus: Optional[int] = _f(None, "strategy", "GPUs for mirrored/one_device (default: all).", lower=0)
+    communication: Optional[str] = _f(None, "strategy", "multi_worker collective implementation.", COMMUNICATIONS)
+    cross_device_ops: Optional[str] = _f(None, "strategy", "mirrored all-reduce implementation.", CROSS_DEVICE_OPS)
+    num_packs: int = _f(1, "strategy", "Gradient packs for nccl/hierarchical_copy all-reduce.", lower=1)
+    cluster_timeout: float = _f(180.0, "strategy", "Seconds a worker waits for the others before failing.",
+                                positive=True)
+    # --- cluster
+    worker_hosts: Optional[str] = _f(None, "cluster", "Comma-separated host:port of every worker (instead of "
+                                     "TF_CONFIG); the first is the chief.")
+    task_index: Optional[int] = _f(None, "cluster", "This process's index in --worker_hosts.", lower=0)
+    cluster_resolver: str = _f("tf_config", "cluster", "Where the cluster comes from: TF_CONFIG (or "
+                               "--worker_hosts), or Slurm's environment.", CLUSTER_RESOLVERS)
+    # --- data
+    dataset: str = _f("shapes", "data", "Dataset: shapes[/28x28x1|/32x32x3], digits, synthetic[/HxWxC], "
+                      "folder:/path, or a TFDS name prepared in --data_dir.")
+    data_dir: Optional[str] = _f(None, "data", "TFDS data_dir (default $DTF_DATA_DIR or ~/tensorflow_datasets).")
+    global_batch_size: Optional[int] = _f(None, "data", "Global batch (all replicas); the truth everything else "
+                                          "derives from. Default 64 when neither batch flag is given.", positive=True)
+    per_replica_batch_size: Optional[int] = _f(None, "data", "Per-replica batch, instead of --global_batch_size.",
+                                               positive=True)
+    shuffle_buffer: int = _f(10_000, "data", "Shuffle buffer (examples).", positive=True)
+    cache: bool = _f(False, "data", "Cache decoded examples in memory after the first epoch.")
+    deterministic: bool = _f(True, "data", "Fixed element order in tf.data (needed for reproducible runs).")
+    # --- model
+    model: str = _f("cnn", "model", "Model: mlp, cnn, resnet20, or a keras.applications name (weights=None).")
+    # --- optimization
+    optimizer: str = _f("sgd", "optimization", "Optimizer.", OPTIMIZERS)
+    base_lr: float = _f(0.1, "optimization", "Learning rate at --reference_batch_size; scaled by --lr_scaling.",
+                        positive=True)
+    lr_scaling: str = _f("linear", "optimization", "peak_lr = base_lr × f(global_batch / reference_batch).",
+                         LR_SCALING_RULES)
+    reference_batch_size: int = _f(256, "optimization", "Batch size --base_lr is tuned for.", positive=True)
+    warmup_epochs: float = _f(0.0, "optimization", "Linear warmup length in epochs.", lower=0)
+    warmup_steps: Optional[int] = _f(None, "optimization", "Linear warmup length in steps (instead of epochs).",
+                                     lower=0)
+    warmup_start_lr: Optional[float] = _f(None, "optimization", "LR at step 0 of warmup (default: --base_lr, "
+                                          "as in Goyal et al.).", lower=0)
+    lr_schedule: str = _f("cosine", "optimization", "Decay after warmup.", SCHEDULES)
+    lr_decay_boundaries: Tuple[float, ...] = _f((), "optimization", "Epochs where --lr_schedule=step decays.")
+    lr_decay_rate: float = _f(0.1, "optimization", "Factor applied at each step boundary.", positive=True)
+    final_lr: float = _f(0.0, "optimization", "Final LR of cosine/polynomial.", lower=0)
+    lr_decay_power: float = _f(1.0, "optimization", "Power of the polynomial decay.", positive=True)
+    momentum: Optional[float] = _f(None, "optimization", "SGD/RMSprop momentum (SGD default 0.9).", lower=0)
+    nesterov: bool = _f(False, "optimization", "Nesterov momentum (SGD).")
+    weight_decay: Optional[float] = _f(None, "optimization", "Decoupled weight decay.", lower=0)
+    clipnorm: Optional[float] = _f(None, "optimization", "Clip each gradient to this norm.", positive=True)
+    global_clipnorm: Optional[float] = _f(None, "optimization", "Clip all gradients to this global norm.",
+                                          positive=True)
+    gradient_accumulation_steps: Optional[int] = _f(None, "optimization", "Accumulate gradients over this many "
+                                                    "steps (default/one_device strategy only).", lower=2)
+    # --- training
+    epochs: int = _f(5, "training", "Training epochs.", positive=True)
+    steps_per_epoch: Optional[int] = _f(None, "training", "Steps per epoch (default: one pass over the data).",
+                                        positive=True)
+    validation_freq: int = _f(1, "training", "Validate every N epochs.", positive=True)
+    steps_per_execution: int = _f(1, "training", "Steps run per tf.function call.", positive=True)
+    mixed_precision: bool = _f(False, "training", "mixed_float16 (GPU) compute with float32 variables.")
+    jit_compile: bool = _f(False, "training", "XLA-compile the train step.")
+    seed: int = _f(42, "training", "Seed for weights init, shuffling and sharding.", lower=0)
+    # --- outputs
+    model_dir: str = _f("runs/default", "outputs", "Where the chief writes flags, summary, model, checkpoints and "
+                        "TensorBoard logs.")
+    checkpoint_every: int = _f(0, "outputs", "Keep a model checkpoint every N epochs (0: none).", lower=0)
+    backup_every_steps: int = _f(0, "outputs", "Also back up every N steps for mid-epoch resume (0: epoch ends "
+                                 "only).", lower=0)
+    export: bool = _f(True, "outputs", "Save the final model to model_dir/model.keras.")
+    log_every_steps: int = _f(10, "outputs", "TensorBoard step-level scalars every N steps.", positive=True)
+    profile_steps: Tuple[int, ...] = _f((), "outputs", "Profile this step range, e.g. 10,15.")
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            check_value(field, getattr(self, field.name))
+        if self.global_batch_size and self.per_replica_batch_size:
+            raise UserError(f"give --global_batch_size ({self.global_batch_size}) or --per_replica_batch_size "
+                            f"({self.per_replica_batch_size}), not both")
+        if self.warmup_steps is not None and self.warmup_epochs:
+            raise UserError("give --warmup_epochs or --warmup_steps, not both")
+        if self.profile_steps and (len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]):
+            raise UserError(f"--profile_steps={','.join(map(str, self.profile_steps))} must be two steps "
+                            "START,STOP with 0 < START <= STOP, e.g. 10,15")
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_flags(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_flagfile(self) -> str:
+        """The fully resolved flagfile, grouped by concern; `dtf.run --flagfile=` on it re-runs this experiment."""
+        lines, group = [], None
+        for field in dataclasses.fields(self):
+            if field.metadata["group"] != group:
+                group = field.metadata["group"]
+                lines.append(f"# --- {group}")
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                lines.append(f"--{field.name}" if value else f"--no{field.name}")
+            elif isinstance(value, tuple):
+                if value:
+                    lines.append(f"--{field.name}={','.join(str(v) for v in value)}")
+            else:
+                lines.append(f"--{field.name}={value}")
+        return "\n".join(lines) + "\n"
+
+
+def check_value(field: dataclasses.Field, value):
+    """Raise a one-line UserError naming the flag if `value` breaks the field's constraints."""
+    meta, flag = field.metadata, f"--{field.name}"
+    if value is None:
+        return
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{flag}={value!r} is not valid; choose one of: {', '.join(meta['choices'])}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{flag}={value} must be a finite number")
+    if meta["lower"] is not None and value < meta["lower"]:
+        raise UserError(f"{flag}={value} must be >= {meta['lower']}")
+    if meta["positive"] and not value > 0:
+        raise UserError(f"{flag}={value} must be > 0")
+
+
+def fields_by_group():
+    groups = {}
+    for field in dataclasses.fields(Config):
+        groups.setdefault(field.metadata["group"], []).append(field)
+    return groups

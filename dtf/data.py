@@ -1,0 +1,274 @@
+"""Per-replica input pipelines: `distribute_dataset` turns a source into what `model.fit`/`evaluate` consume.
+
+Built on `strategy.distribute_datasets_from_function`: one input pipeline per worker, each feeding that worker's
+replicas batches of `global_batch_size / num_replicas`. A pipeline reads a disjoint share of the source: whole shard
+files when there are at least as many shards as pipelines, else all records keeping every n-th (correct, but every
+pipeline reads everything; tensorflow/datasets#2133 is the TFDS face of this). The shares are a fixed function of the
+file list, so they are disjoint whatever the seed.
+
+Training order is a pure function of (seed, epoch), whatever TensorFlow's global seed: epoch `e` is the share shuffled
+with a seed derived from both, so a job restarted with `initial_epoch=e` (and `initial_step=k` to skip the first k
+steps) sees exactly the batches an uninterrupted run would have. Every epoch takes exactly `steps_per_epoch` steps from
+each pipeline (the smallest share decides), so epochs stay aligned with Keras's even when shares differ in size.
+
+Evaluation keeps every example once: no shuffle, no repeat, the last partial batch kept. Replicas whose pipeline has
+run out get empty batches (TensorFlow's partial-batch handling); Keras weighs loss and metrics by batch size, so
+metrics equal the single-device ones (checked under mirrored and 2 workers in tests/test_data.py).
+"""
+import dataclasses
+import math
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import tensorflow as tf
+
+from dtf import datasets
+from dtf.datasets import DatasetSplit
+from dtf.datasets.split import count_examples
+from dtf.errors import UserError
+from dtf.logs import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_SEED = 0
+DEFAULT_SHUFFLE_BUFFER = 10_000
+# Epoch seeds are seed * SEED_STRIDE + epoch: distinct for any run shorter than this many epochs.
+SEED_STRIDE = 1_000_003
+GRAPH_SEED = 87654321  # any fixed non-zero value (TF treats a (0, 0) seed pair as "random")
+BATCH_FLAG = "--global_batch_size"
+
+Source = Union[str, DatasetSplit, tf.data.Dataset, Sequence[str],
+               Callable[[tf.distribute.InputContext], tf.data.Dataset]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedData:
+    """What the runner needs: the dataset for `fit`/`evaluate` and the numbers to drive them.
+
+    Training: `fit(dataset, steps_per_epoch=steps_per_epoch, initial_epoch=...)`; the dataset repeats forever.
+    Evaluation: `evaluate(dataset, steps=steps_per_epoch)`: ceil(num_examples / global_batch_size) when the shares are
+    balanced, more when a worker's files hold more than its part (the other workers then get empty batches).
+    """
+
+    dataset: tf.distribute.DistributedDataset
+    num_examples: int
+    steps_per_epoch: int
+    global_batch_size: int
+    per_replica_batch_size: int
+    sharding: str  # how pipelines split the source: "none" (one pipeline), "files", "records", or "function"
+    input_shape: Optional[Tuple[int, ...]] = None
+    num_classes: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Share:
+    """One input pipeline's part of the source, and the sizes of every pipeline's part (all workers compute the same
+    sizes, so they agree on the number of steps)."""
+
+    sharding: str
+    sizes: List[int]
+    dataset: tf.data.Dataset
+
+
+def check_global_batch(global_batch_size: int, num_replicas: int) -> int:
+    """The per-replica batch size, or a UserError when the global batch cannot be split evenly over the replicas."""
+    if global_batch_size < num_replicas:
+        raise UserError(f"{BATCH_FLAG}={global_batch_size} is smaller than the {num_replicas} replicas (each needs at "
+                        f"least one example per step); use at least {num_replicas}")
+    if global_batch_size % num_replicas:
+        lower = global_batch_size // num_replicas * num_replicas
+        raise UserError(f"{BATCH_FLAG}={global_batch_size} does not split evenly over {num_replicas} replicas; use a "
+                        f"multiple of {num_replicas}, e.g. {lower} or {lower + num_replicas}")
+    return global_batch_size // num_replicas
+
+
+def training_steps(sizes: Sequence[int], global_batch_size: int, num_replicas: int) -> int:
+    """Steps per epoch when every pipeline must supply its replicas' full batches: the smallest share decides."""
+    per_replica = check_global_batch(global_batch_size, num_replicas)
+    per_pipeline = per_replica * (num_replicas // len(sizes))
+    total = sum(sizes)
+    if total < global_batch_size:
+        raise UserError(f"the training data has {total} examples, fewer than one global batch ({BATCH_FLAG}="
+                        f"{global_batch_size}); lower {BATCH_FLAG} to at most {_largest_batch(total, num_replicas)}")
+    steps = min(sizes) // per_pipeline
+    if steps == 0:
+        smallest = min(sizes)
+        raise UserError(
+            f"0 training steps per epoch: input pipeline {sizes.index(smallest)} of {len(sizes)} gets {smallest} "
+            f"examples but one step takes {per_pipeline} from each pipeline ({BATCH_FLAG}={global_batch_size}); lower "
+            f"{BATCH_FLAG} to at most {_largest_batch(smallest * len(sizes), num_replicas)} or split the data into "
+            f"more even shards")
+    return steps
+
+
+def evaluation_steps(sizes: Sequence[int], global_batch_size: int, num_replicas: int) -> int:
+    """Steps that show every example once: the pipeline with the most batches decides; the others pad with empties."""
+    per_replica = check_global_batch(global_batch_size, num_replicas)
+    replicas_per_pipeline = num_replicas // len(sizes)
+    if sum(sizes) == 0:
+        raise UserError("the evaluation data has 0 examples; check the split name and the data_dir")
+    return max(math.ceil(math.ceil(size / per_replica) / replicas_per_pipeline) for size in sizes)
+
+
+def _largest_batch(examples: int, num_replicas: int) -> int:
+    return max(examples // num_replicas * num_replicas, num_replicas)
+
+
+def epoch_seed(seed: int, epoch):
+    """The shuffle seed of one epoch (epoch may be a tensor): the same on every worker, different every epoch."""
+    return tf.cast(seed, tf.int64) * SEED_STRIDE + tf.cast(epoch, tf.int64)
+
+
+def _resolve(source: Source, split: Optional[str], data_dir: Optional[str], training: bool):
+    """A DatasetSplit, or the user's function of InputContext (which shards by itself)."""
+    if isinstance(source, str):
+        return datasets.load(source, split or ("train" if training else "test"), data_dir)
+    if split is not None or data_dir is not None:
+        raise UserError("split/data_dir apply to dataset names only; this source is not a name")
+    if isinstance(source, DatasetSplit):
+        return source
+    if isinstance(source, tf.data.Dataset):
+        return datasets.from_dataset(source)
+    if isinstance(source, (list, tuple)) and all(isinstance(f, str) for f in source):
+        return datasets.from_tfrecord_files(source)
+    if callable(source):
+        return source
+    raise UserError(f"cannot read input from a {type(source).__name__}; give a dataset name, a tf.data.Dataset, a list "
+                    "of TFRecord files, or a function of tf.distribute.InputContext returning a tf.data.Dataset")
+
+
+def share_sizes(split: DatasetSplit, num_pipelines: int) -> Tuple[str, List[int]]:
+    """How `num_pipelines` input pipelines split `split` ("none", "files" or "records") and each one's examples.
+
+    A runner can compute the exact steps per epoch before building anything: `training_steps(sizes, ...)` with one
+    pipeline per worker."""
+    if num_pipelines == 1:
+        return "none", [split.num_examples]
+    if split.num_shards >= num_pipelines:
+        return "files", [sum(split.shard_lengths[i::num_pipelines]) for i in range(num_pipelines)]
+    n = split.num_examples
+    return "records", [n // num_pipelines + (i < n % num_pipelines) for i in range(num_pipelines)]
+
+
+def _share(source, ctx: tf.distribute.InputContext) -> _Share:
+    """This pipeline's part: by files when there are enough shards, else by records (with a warning)."""
+    pipelines, index = ctx.num_input_pipelines, ctx.input_pipeline_id
+    if not isinstance(source, DatasetSplit):
+        contexts = [tf.distribute.InputContext(pipelines, i, ctx.num_replicas_in_sync) for i in range(pipelines)]
+        return _Share("function", [count_examples(source(c)) for c in contexts], source(ctx))
+    sharding, sizes = share_sizes(source, pipelines)
+    if sharding == "none":
+        return _Share(sharding, sizes, source.read(None))
+    if sharding == "files":
+        return _Share(sharding, sizes, source.read(ctx))
+    log.warning(f"{source.name} {source.split} is stored in {source.num_shards} shard(s) for {pipelines} input "
+                f"pipelines: sharding by records, so every pipeline reads all {source.num_examples} examples and keeps "
+                f"1 in {pipelines}; store it in at least {pipelines} files to read less")
+    return _Share(sharding, sizes, source.read(None).shard(pipelines, index))
+
+
+def distribute_dataset(
+    strategy: tf.distribute.Strategy,
+    source: Source,
+    global_batch_size: int,
+    *,
+    training: bool = True,
+    seed: Optional[int] = None,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    cache: bool = False,
+    deterministic: Optional[bool] = None,
+    preprocess: Optional[Callable] = None,
+    data_dir: Optional[str] = None,
+    split: Optional[str] = None,
+    initial_epoch: int = 0,
+    initial_step: int = 0,
+    steps_per_epoch: Optional[int] = None,
+) -> DistributedData:
+    """Per-replica batches of `source` for `strategy`.
+
+    source: a dataset name (`dtf.datasets.load`; `split` defaults to train/test), a `DatasetSplit`, an unbatched
+      `tf.data.Dataset`, a list of TFRecord files (then `preprocess` parses the records), or a function of
+      `tf.distribute.InputContext` returning that pipeline's unbatched share.
+    seed: the shuffle seed shared by all workers (None: DEFAULT_SEED, so restarts reproduce the order).
+    cache: keep the decoded share in memory after the first epoch. preprocess: applied per example after the cache and
+      the shuffle (augmentation belongs here). deterministic: False lets tf.data reorder for speed, which gives up the
+      reproducible order.
+    initial_epoch/initial_step: where a resumed training job starts (step k of epoch e is skipped to, not replayed).
+    steps_per_epoch: shorter training epochs than one pass (each still a fresh shuffle of the whole share).
+    """
+    source = _resolve(source, split, data_dir, training)
+    num_replicas = strategy.num_replicas_in_sync
+    per_replica = check_global_batch(global_batch_size, num_replicas)
+    if shuffle_buffer < 1:
+        raise UserError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+    if initial_epoch < 0 or initial_step < 0:
+        raise UserError(f"initial_epoch ({initial_epoch}) and initial_step ({initial_step}) must be >= 0")
+    seed = DEFAULT_SEED if seed is None else seed
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # dtf shards itself
+    if deterministic is not None:
+        options.deterministic = deterministic
+    plans = []
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        share = _share(source, ctx)
+        data = _filled_cache(share.dataset) if cache else share.dataset
+        if training:
+            steps = training_steps(share.sizes, global_batch_size, num_replicas)
+            if steps_per_epoch is not None:
+                if not 0 < steps_per_epoch <= steps:
+                    raise UserError(f"--steps_per_epoch={steps_per_epoch} must be between 1 and {steps} (one pass over "
+                                    f"the data at {BATCH_FLAG}={global_batch_size})")
+                steps = steps_per_epoch
+            if initial_step >= steps:
+                raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")
+            data = _training_batches(data, ctx, per_replica, steps, seed, shuffle_buffer, preprocess, initial_epoch,
+                                     initial_step)
+        else:
+            steps = evaluation_steps(share.sizes, global_batch_size, num_replicas)
+            if preprocess is not None:
+                data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+            # Workers may hold different numbers of batches; a known per-worker count would make Keras stop each
+            # worker at its own count, leaving the others waiting in a collective. Unknown, all stop together.
+            data = data.batch(per_replica, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda *_: True)
+        plans.append((share, steps))
+        return data.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    share, steps = plans[0]
+    data = DistributedData(dataset=dataset, num_examples=sum(share.sizes), steps_per_epoch=steps,
+                           global_batch_size=global_batch_size, per_replica_batch_size=per_replica,
+                           sharding=share.sharding, input_shape=getattr(source, "input_shape", None),
+                           num_classes=getattr(source, "num_classes", None))
+    sharded = f"{len(share.sizes)} pipelines sharded by {share.sharding}" if len(share.sizes) > 1 else "1 pipeline"
+    log.info(f"{'training' if training else 'evaluation'} input: {data.num_examples} examples, {sharded}, global batch "
+             f"{global_batch_size} = {num_replicas} replica(s) x {per_replica}, {steps} steps")
+    return data
+
+
+def _filled_cache(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` cached in memory and filled now, by one pass. Filled lazily, the cache would complete only if some
+    epoch read the share to its end, which an epoch that stops after its last full batch does not always do."""
+    cached = dataset.cache()
+    cached.reduce(tf.constant(0), lambda count, _: count)
+    return cached
+
+
+def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, per_replica: int, steps: int,
+                      seed: int, buffer: int, preprocess, initial_epoch: int, initial_step: int) -> tf.data.Dataset:
+    """Epochs initial_epoch, initial_epoch + 1, ... of `steps` steps each (one batch per local replica per step),
+    epoch e shuffled by epoch_seed(seed, e); the first `initial_step` steps are skipped."""
+    replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    batches_per_epoch = steps * replicas
+
+    def epoch(e):
+        # Traced in a graph, this sets only this function's graph-level seed, which TF pairs with the op seed: the
+        # order then depends on (seed, e) alone, not on whether or how the user set the process-wide seed.
+        tf.random.set_seed(GRAPH_SEED)
+        data = share.shuffle(buffer, seed=epoch_seed(seed, e))
+        if preprocess is not None:
+            data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        return data.batch(per_replica, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE).take(batches_per_epoch)
+
+    epochs = tf.data.Dataset.counter(initial_epoch).flat_map(epoch).skip(initial_step * replicas)
+    # Infinite (not unknown) keeps TF from checking every step whether some worker ran out of data.
+    return epochs.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))

@@ -1,0 +1,51 @@
+"""`python -m dtf.run --flagfile=experiments/shapes_mirrored.flags [--flag=value ...]`: train one experiment.
+
+The same command runs on one device, on simulated or real mirrored devices, or as one worker of a multi-worker job
+(TF_CONFIG, or --worker_hosts/--task_index, or --cluster_resolver=slurm).
+"""
+import os
+import sys
+
+from dtf import cli
+
+DEFAULT_FLAGFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                                "shapes_mirrored.flags")
+
+
+def _define():
+    from dtf import flags as dtf_flags
+
+    dtf_flags.define_flags()
+
+
+def _body(rest):
+    if len(rest) > 1:
+        raise_usage(f"unexpected argument(s) {' '.join(rest[1:])}; flags look like --name=value")
+    import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
+    from dtf import cluster as cluster_lib
+    from dtf import flags as dtf_flags
+    from dtf.train import run_experiment
+
+    config = dtf_flags.config_from_flags()
+    summary = run_experiment(config)
+    if cluster_lib.parse_tf_config().is_chief:
+        metrics = summary["final_metrics"]
+        shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                         if k in metrics)
+        print(f"dtf: done in {summary['wall_time_s']:.1f}s: {shown} examples/sec={summary['examples_per_sec']:.0f}")
+        print(f"dtf: outputs in {config.model_dir}; view with: tensorboard --logdir {config.model_dir}/tensorboard")
+    return 0
+
+
+def raise_usage(message):
+    from dtf.errors import UserError
+
+    raise UserError(message)
+
+
+def main(argv=None):
+    return cli.main("dtf.run", _define, _body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

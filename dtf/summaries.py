@@ -1,0 +1,78 @@
+"""TensorBoard content beyond Keras's own: learning rate, global examples/sec and step time every N steps and per
+epoch, the resolved flags as text, and the config as HParams. Chief only writes into the real log directory."""
+import dataclasses
+import os
+import shutil
+import time
+
+import keras
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+from dtf import callbacks as callbacks_lib
+from dtf import scaling
+
+
+class TrainingScalars(keras.callbacks.Callback):
+    """Writes `learning_rate`, `examples_per_sec` (global: all replicas) and `step_time_ms`, every `every_n_steps`
+    and at each epoch end (tags `epoch_…`), at the optimizer's global step."""
+
+    def __init__(self, log_dir: str, global_batch_size: int, every_n_steps: int = 10, cluster=None):
+        super().__init__()
+        self._real_dir = log_dir
+        self._dir = callbacks_lib.write_dir(log_dir, cluster)
+        self.global_batch_size, self.every = global_batch_size, every_n_steps
+        self._writer = None
+
+    def on_train_begin(self, logs=None):
+        self._writer = tf.summary.create_file_writer(self._dir)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self._window_start = time.perf_counter()
+        self._epoch_steps = self._window_steps = 0
+
+    def _write(self, prefix: str, steps: int, seconds: float):
+        step = int(self.model.optimizer.iterations.numpy())
+        with self._writer.as_default(step=step):
+            tf.summary.scalar(prefix + "learning_rate", scaling.current_lr(self.model.optimizer))
+            if steps and seconds > 0:
+                tf.summary.scalar(prefix + "examples_per_sec", steps * self.global_batch_size / seconds)
+                tf.summary.scalar(prefix + "step_time_ms", 1000 * seconds / steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._epoch_steps += 1
+        self._window_steps += 1
+        if self._epoch_steps % self.every == 0:
+            now = time.perf_counter()
+            self._write("", self._window_steps, now - self._window_start)
+            self._window_start, self._window_steps = now, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._epoch_start
+        self._write("epoch_", self._epoch_steps, seconds)
+        if logs is not None:  # also in the history and summary.json
+            logs["learning_rate"] = scaling.current_lr(self.model.optimizer)
+            logs["examples_per_sec"] = self._epoch_steps * self.global_batch_size / max(seconds, 1e-9)
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        self._writer.close()
+        if self._dir != self._real_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def hparams(config) -> dict:
+    """The config as HParams values (TensorBoard takes bool/int/float/str; None and lists become strings)."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        out[field.name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
+def write_run_metadata(log_dir: str, config):
+    """The resolved flagfile as text and the config as HParams, once, at step 0."""
+    os.makedirs(log_dir, exist_ok=True)
+    with tf.summary.create_file_writer(os.path.join(log_dir, "train")).as_default(step=0):
+        tf.summary.text("flags", "```\n" + config.to_flagfile() + "```")
+        hparams_api.hparams(hparams(config))

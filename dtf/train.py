@@ -1,0 +1,258 @@
+"""One experiment from a Config: strategy → data → model/optimizer in scope → fit → evaluate → export → summary.
+
+`dtf.run` calls `run_experiment`; `dtf.tune` uses `Experiment` piece by piece so that a trial is exactly a run.
+Only the chief writes into `model_dir`; other workers write to private temporary directories (dtf.callbacks).
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from typing import List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from dtf import callbacks as callbacks_lib
+from dtf import cluster as cluster_lib
+from dtf import data as data_lib
+from dtf import datasets, models, scaling
+from dtf import strategy as strategy_lib
+from dtf import versions
+from dtf.config import Config
+from dtf.errors import UserError
+from dtf.logs import get_logger
+from dtf.summaries import TrainingScalars, write_run_metadata
+
+log = get_logger(__name__)
+
+DEFAULT_GLOBAL_BATCH = 64
+EVAL_SPLITS = ("test", "validation")
+BACKUP_DIR = "backup"
+
+
+# EVAL_NOTE: evaluation datasets are finite and read to the end (no `steps`): with `steps` Keras keeps one iterator
+# across validations and the second one finds it empty. Reading to the end makes Keras warn on every validation.
+warnings.filterwarnings("ignore", message="Your input ran out of data")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf: a bad learning rate or warmup, reported as a user error."""
+
+
+def resolve_cluster(config: Config) -> cluster_lib.ClusterInfo:
+    if config.cluster_resolver == "slurm":
+        if config.worker_hosts:
+            raise UserError("--cluster_resolver=slurm and --worker_hosts both name the cluster; use one")
+        os.environ["TF_CONFIG"] = cluster_lib.tf_config_from_slurm()
+    return cluster_lib.resolve_cluster(config.worker_hosts, config.task_index)
+
+
+def create_strategy(config: Config) -> tf.distribute.Strategy:
+    return strategy_lib.create_strategy(
+        config.strategy, num_cpu_devices=config.num_cpu_devices, num_gpus=config.num_gpus,
+        communication=config.communication, cross_device_ops_name=config.cross_device_ops,
+        num_packs=config.num_packs, cluster_timeout_s=config.cluster_timeout)
+
+
+def check_model_dir(path: str):
+    """Fail before training if the chief cannot write `path` (nothing is left behind by the check)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"--model_dir={path} is not writable ({e.strerror}); choose a directory you can write")
+
+
+def read_backup(model_dir: str):
+    """(epoch, steps done in it) of the chief's last backup, or (0, 0)."""
+    path = os.path.join(model_dir, BACKUP_DIR, "training_metadata.json")
+    if not os.path.exists(path):
+        return 0, 0
+    with open(path) as f:
+        meta = json.load(f)
+    return int(meta.get("epoch", 0)), int(meta.get("steps_done", 0))
+
+
+class Experiment:
+    """The parts of one run, built in dtf's one order; each method is used by both the runner and the tuner."""
+
+    def __init__(self, config: Config, strategy: tf.distribute.Strategy, cluster: cluster_lib.ClusterInfo):
+        self.config, self.strategy, self.cluster = config, strategy, cluster
+        self.plan = scaling.BatchPlan.create(
+            strategy.num_replicas_in_sync, global_batch_size=config.global_batch_size or (
+                None if config.per_replica_batch_size else DEFAULT_GLOBAL_BATCH),
+            per_replica_batch_size=config.per_replica_batch_size)
+        self.train_split = datasets.load(config.dataset, "train", config.data_dir)
+        self.eval_split = self._eval_split()
+        self.steps_per_epoch = config.steps_per_epoch or data_lib.training_steps(
+            data_lib.share_sizes(self.train_split, cluster.num_workers)[1], self.plan.global_batch_size,
+            self.plan.num_replicas)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.effective_batch = self.plan.global_batch_size * (config.gradient_accumulation_steps or 1)
+        self.peak_lr = scaling.scaled_lr(config.base_lr, self.effective_batch, config.reference_batch_size,
+                                         config.lr_scaling)
+
+    def _eval_split(self):
+        for split in EVAL_SPLITS:
+            try:
+                return datasets.load(self.config.dataset, split, self.config.data_dir)
+            except UserError:
+                continue
+        raise UserError(f"--dataset={self.config.dataset} has no {' or '.join(EVAL_SPLITS)} split to validate on")
+
+    def describe(self) -> str:
+        return (f"{type(self.strategy).__name__} × {self.plan.num_replicas} replica(s), global batch "
+                f"{self.plan.global_batch_size} = {self.plan.num_replicas} × {self.plan.per_replica_batch_size}, "
+                f"{scaling.explain_lr(self.config.base_lr, self.effective_batch, self.config.reference_batch_size, self.config.lr_scaling)}, "
+                f"{self.steps_per_epoch} steps/epoch × {self.config.epochs} epochs")
+
+    def train_data(self, initial_epoch: int = 0, initial_step: int = 0) -> data_lib.DistributedData:
+        c = self.config
+        return data_lib.distribute_dataset(
+            self.strategy, self.train_split, self.plan.global_batch_size, training=True, seed=c.seed,
+            shuffle_buffer=c.shuffle_buffer, cache=c.cache, deterministic=c.deterministic,
+            initial_epoch=initial_epoch, initial_step=initial_step, steps_per_epoch=self.steps_per_epoch)
+
+    def eval_data(self) -> data_lib.DistributedData:
+        return data_lib.distribute_dataset(self.strategy, self.eval_split, self.plan.global_batch_size,
+                                           training=False, cache=self.config.cache)
+
+    def schedule(self):
+        c = self.config
+        start = c.warmup_start_lr if c.warmup_start_lr is not None else min(c.base_lr, self.peak_lr)
+        return scaling.build_schedule(
+            c.lr_schedule, self.peak_lr, self.total_steps, self.steps_per_epoch, warmup_epochs=c.warmup_epochs,
+            warmup_steps=c.warmup_steps, warmup_start_lr=start, decay_boundaries_epochs=c.lr_decay_boundaries,
+            decay_rate=c.lr_decay_rate, final_lr=c.final_lr, power=c.lr_decay_power)
+
+    def build_model(self) -> keras.Model:
+        """The compiled model, built inside the strategy scope with seeded initial weights."""
+        c = self.config
+        keras.utils.set_random_seed(c.seed)
+        if c.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        with self.strategy.scope():
+            model = models.build_model(c.model, self.train_split.input_shape, self.train_split.num_classes)
+            optimizer = scaling.build_optimizer(
+                c.optimizer, self.schedule(), momentum=c.momentum, nesterov=c.nesterov,
+                weight_decay=c.weight_decay, clipnorm=c.clipnorm, global_clipnorm=c.global_clipnorm,
+                gradient_accumulation_steps=c.gradient_accumulation_steps)
+            model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=["accuracy"], steps_per_execution=c.steps_per_execution,
+                          jit_compile=c.jit_compile)
+        return model
+
+    def callbacks(self, log_dir: str, backup_dir: Optional[str]) -> List[keras.callbacks.Callback]:
+        c = self.config
+        out = [keras.callbacks.TerminateOnNaN()]
+        if backup_dir:
+            out.append(callbacks_lib.BackupAndRestore(
+                backup_dir, save_freq=c.backup_every_steps or "epoch", cluster=self.cluster))
+        out.append(TrainingScalars(os.path.join(log_dir, "train"), self.plan.global_batch_size,
+                                   every_n_steps=c.log_every_steps, cluster=self.cluster))
+        out.append(callbacks_lib.TensorBoard(log_dir, cluster=self.cluster, update_freq=c.log_every_steps,
+                                             profile_batch=tuple(c.profile_steps) or 0))
+        if c.checkpoint_every:
+            out.append(callbacks_lib.ModelCheckpoint(
+                os.path.join(c.model_dir, "checkpoints", "epoch_{epoch:03d}.keras"), cluster=self.cluster,
+                save_freq=c.checkpoint_every * self.steps_per_epoch))
+        return out
+
+    def fit(self, model: keras.Model, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0,
+            initial_step: int = 0, verbose=None) -> dict:
+        """Train from (initial_epoch, initial_step) to the end; returns the merged history. A resume from a
+        mid-epoch backup first finishes that epoch, so the run sees exactly the batches an uninterrupted one would."""
+        if verbose is None:
+            verbose = 2 if self.cluster.is_chief else 0
+        eval_data = self.eval_data()
+        history = {}
+
+        def run(epochs, first_epoch, first_step, steps):
+            train = self.train_data(first_epoch, first_step)
+            for cb in callbacks:
+                if isinstance(cb, callbacks_lib.BackupAndRestore):
+                    cb.step_offset = first_step
+            h = model.fit(train.dataset, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
+                          shuffle=False, validation_data=eval_data.dataset,  # no validation_steps: see EVAL_NOTE
+                          validation_freq=self.config.validation_freq, callbacks=list(callbacks), verbose=verbose)
+            for k, v in h.history.items():
+                history.setdefault(k, []).extend(v)
+
+        if initial_step:
+            run(initial_epoch + 1, initial_epoch, initial_step, self.steps_per_epoch - initial_step)
+            initial_epoch += 1
+        if initial_epoch < self.config.epochs:
+            run(self.config.epochs, initial_epoch, 0, self.steps_per_epoch)
+        for key, values in history.items():
+            if key.endswith("loss") and any(not math.isfinite(v) for v in values):
+                raise TrainingDiverged(
+                    f"training diverged: {key} became {values[-1]} by epoch {len(values)} at peak LR "
+                    f"{self.peak_lr:g}; lower --base_lr, add --warmup_epochs, or set --global_clipnorm")
+        if model.stop_training and not all(math.isfinite(v) for v in history.get("loss", [0.0])):
+            raise TrainingDiverged("training diverged (NaN loss); lower --base_lr or add --warmup_epochs")
+        return history
+
+    def evaluate(self, model: keras.Model) -> dict:
+        eval_data = self.eval_data()
+        return model.evaluate(eval_data.dataset, verbose=0, return_dict=True)
+
+
+def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = None) -> dict:
+    """Train, evaluate and export one experiment; returns the summary (also written to model_dir by the chief)."""
+    start = time.time()
+    cluster = resolve_cluster(config)
+    if cluster.is_chief:
+        check_model_dir(config.model_dir)
+    strategy = strategy or create_strategy(config)
+    exp = Experiment(config, strategy, cluster)
+    resolved = config.replace(global_batch_size=exp.plan.global_batch_size, per_replica_batch_size=None,
+                              worker_hosts=None, task_index=None)
+    log.info(exp.describe())
+    log_dir = os.path.join(config.model_dir, "tensorboard")
+    model = exp.build_model()
+    initial_epoch, initial_step = read_backup(config.model_dir)
+    if initial_epoch or initial_step:
+        log.info(f"resuming from the backup in {config.model_dir}/{BACKUP_DIR}: epoch {initial_epoch + 1}, "
+                 f"step {initial_step}")
+    if cluster.is_chief:
+        write_run_metadata(log_dir, resolved)
+    train_start = time.time()
+    history = exp.fit(model, exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR)),
+                      initial_epoch, initial_step)
+    train_time = time.time() - train_start
+    final = exp.evaluate(model)
+    steps_run = exp.total_steps - initial_epoch * exp.steps_per_epoch - initial_step
+    summary = {
+        "dataset": config.dataset, "model": config.model, "strategy": type(strategy).__name__,
+        "num_replicas": exp.plan.num_replicas, "num_workers": cluster.num_workers,
+        "global_batch_size": exp.plan.global_batch_size, "per_replica_batch_size": exp.plan.per_replica_batch_size,
+        "base_lr": config.base_lr, "peak_lr": exp.peak_lr, "lr_scaling": config.lr_scaling,
+        "warmup_epochs": config.warmup_epochs, "warmup_steps": config.warmup_steps, "epochs": config.epochs,
+        "steps_per_epoch": exp.steps_per_epoch, "resumed_from": [initial_epoch, initial_step],
+        "final_metrics": {**{k: v[-1] for k, v in history.items() if not k.startswith("val_")},
+                          **{f"val_{k}": v for k, v in final.items()}},
+        "history": history,
+        "examples_per_sec": steps_run * exp.plan.global_batch_size / max(train_time, 1e-9),
+        "wall_time_s": time.time() - start, "versions": versions.versions(),
+    }
+    _export(config, cluster, model, resolved, summary)
+    return summary
+
+
+def _export(config: Config, cluster, model: keras.Model, resolved: Config, summary: dict):
+    """Final outputs. Every worker saves (saving reads synchronized variables); only the chief's land in model_dir."""
+    out_dir = callbacks_lib.write_dir(config.model_dir, cluster)
+    try:
+        if config.export:
+            model.save(os.path.join(out_dir, "model.keras"))
+        with open(os.path.join(out_dir, "flags.txt"), "w") as f:
+            f.write(resolved.to_flagfile())
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+    finally:
+        if out_dir != config.model_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
