@@ -14,9 +14,12 @@ try:
 except UserError as _e:
     raise ImportError(str(_e)) from None
 
+from dtf import callbacks  # noqa: E402
+from dtf import scaling  # noqa: E402,F401  (registers dtf's LR schedules, so `import dtf` loads saved models)
 from dtf.cluster import ClusterInfo, build_tf_config, parse_tf_config  # noqa: E402
+from dtf.data import distribute_dataset  # noqa: E402
 from dtf.strategy import create_strategy, simulate_cpu_devices  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ClusterInfo", "UserError", "build_tf_config", "create_strategy", "parse_tf_config",
-           "simulate_cpu_devices"]
+__all__ = ["ClusterInfo", "UserError", "build_tf_config", "callbacks", "create_strategy", "distribute_dataset",
+           "parse_tf_config", "simulate_cpu_devices"]

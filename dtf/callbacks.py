@@ -13,6 +13,7 @@ import tempfile
 from typing import Optional
 
 import keras
+import tensorflow as tf
 
 from dtf import cluster as cluster_lib
 
@@ -97,12 +98,21 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 class TensorBoard(keras.callbacks.TensorBoard):
-    """`keras.callbacks.TensorBoard` whose event files land in `log_dir` only on the chief."""
+    """`keras.callbacks.TensorBoard` whose event files land in `log_dir` only on the chief.
+
+    Also fixes a Keras 3 bug: with an integer `update_freq`, the batch-level `record_if` condition is still in force
+    at epoch end, so epoch summaries (train and validation) are silently dropped unless the last batch number happens
+    to be a multiple of `update_freq`. Epoch-end writes here always record.
+    """
 
     def __init__(self, log_dir: str, cluster: Optional[cluster_lib.ClusterInfo] = None, **kwargs):
         self._real_dir = log_dir
         self._own_dir = write_dir(log_dir, cluster)
         super().__init__(log_dir=self._own_dir, **kwargs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with tf.summary.record_if(True):
+            super().on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)

@@ -23,20 +23,36 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE):
     sys.exit(code)
 
 
-def main(prog: str, define: Callable[[], None], body: Callable[[List[str]], int], argv=None):
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+
+
+def print_help(doc: str):
+    """The tool's doc, then its flags grouped by concern (dtf's groups only, plus absl's --verbosity)."""
+    from absl import flags
+
+    print(doc.strip() + "\n")
+    for module in flags.FLAGS.flags_by_module_dict():  # in definition order: strategy, cluster, data, ...
+        if str(module).startswith("dtf"):
+            print(flags.FLAGS.module_help(module) + "\n")
+    print("logging:\n  --verbosity: 1 (or -v 1) shows TensorFlow's own logs; default quiet.")
+
+
+def main(prog: str, define: Callable[[], None], body: Callable[[List[str]], int], argv=None, doc: str = ""):
     """Parse flags (absl: --flagfile, nesting, command line overrides the file), then run `body(rest_argv)`.
 
     A `UserError` or a flag error anywhere becomes one line on stderr and exit status 2."""
     argv = list(sys.argv if argv is None else argv)
     if _wants_debug(argv):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
-    from absl import app, flags
+    from absl import flags
 
     from dtf import logs
     from dtf.errors import UserError
 
-    app.define_help_flags()
     define()
+    if set(HELP_FLAGS) & set(argv[1:]):
+        print_help(doc or prog)
+        return 0
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import socket
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 from dtf.errors import UserError
 
@@ -197,13 +197,32 @@ def local_cluster(num_workers: int, host: str = "127.0.0.1") -> List[str]:
     return [build_tf_config(hosts, i) for i in range(num_workers)]
 
 
-def tf_config_from_slurm() -> str:
-    """TF_CONFIG for this Slurm task (one worker per task, task 0 the chief), from TF's SlurmClusterResolver."""
-    if "SLURM_PROCID" not in os.environ:
-        raise UserError("--cluster_resolver=slurm but this is not a Slurm task (no SLURM_PROCID); "
-                        "run it under srun/sbatch or use TF_CONFIG")
-    import tensorflow as tf
+SLURM_PORT = 8888  # each Slurm task listens on SLURM_PORT + its index on the node
 
-    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(jobs={"worker": int(os.environ["SLURM_NTASKS"])})
-    cluster = resolver.cluster_spec().as_dict()
-    return json.dumps({"cluster": cluster, "task": {"type": resolver.task_type, "index": resolver.task_id}})
+
+def slurm_tf_config(environ: Mapping[str, str] = os.environ, port: int = SLURM_PORT) -> str:
+    """TF_CONFIG for this Slurm task: workers are the step's tasks in rank order; task 0 is the chief.
+
+    Ranks follow the step's node list (Slurm's block distribution), which is the order used here. (TF's
+    SlurmClusterResolver sorts host names instead, which disagrees with the ranks for names like node9, node10.)
+    """
+    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (  # pylint: disable=g-direct-tensorflow-import
+        expand_hostlist, expand_tasks_per_node)
+
+    def var(name):
+        for key in (f"SLURM_STEP_{name}", f"SLURM_JOB_{name}"):
+            if environ.get(key):
+                return environ[key]
+        raise UserError(f"SLURM_STEP_{name} is not set: run this inside a Slurm job step (srun)")
+
+    if "SLURM_PROCID" not in environ:
+        raise UserError("SLURM_PROCID is not set: run this inside a Slurm job step (srun)")
+    hosts = expand_hostlist(var("NODELIST"))
+    per_node = expand_tasks_per_node(var("TASKS_PER_NODE"))
+    if len(per_node) != len(hosts):
+        raise UserError(f"Slurm lists {len(hosts)} node(s) but tasks-per-node for {len(per_node)}")
+    workers = [f"{host}:{port + offset}" for host, count in zip(hosts, per_node) for offset in range(count)]
+    rank = int(environ["SLURM_PROCID"])
+    if not 0 <= rank < len(workers):
+        raise UserError(f"SLURM_PROCID={rank} is outside the step's {len(workers)} task(s)")
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}})

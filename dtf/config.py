@@ -7,6 +7,7 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
+from dtf.data import SHARDINGS
 from dtf.errors import UserError
 from dtf.scaling import LR_SCALING_RULES, OPTIMIZERS, SCHEDULES
 from dtf.strategy import COMMUNICATIONS, CROSS_DEVICE_OPS, STRATEGIES
@@ -47,6 +48,10 @@ class Config:
                                           "derives from. Default 64 when neither batch flag is given.", positive=True)
     per_replica_batch_size: Optional[int] = _f(None, "data", "Per-replica batch, instead of --global_batch_size.",
                                                positive=True)
+    input_sharding: str = _f("auto", "data", "How workers split the training data: auto (by files when there are "
+                             "enough, else by records), or batch (every worker reads all of it and keeps its slice of "
+                             "each global batch: the single-device batch sequence for any cluster size).",
+                             SHARDINGS)
     shuffle_buffer: int = _f(10_000, "data", "Shuffle buffer (examples).", positive=True)
     cache: bool = _f(False, "data", "Cache decoded examples in memory after the first epoch.")
     deterministic: bool = _f(True, "data", "Fixed element order in tf.data (needed for reproducible runs).")

@@ -35,6 +35,7 @@ DEFAULT_SHUFFLE_BUFFER = 10_000
 SEED_STRIDE = 1_000_003
 GRAPH_SEED = 87654321  # any fixed non-zero value (TF treats a (0, 0) seed pair as "random")
 BATCH_FLAG = "--global_batch_size"
+SHARDINGS = ("auto", "batch")
 
 Source = Union[str, DatasetSplit, tf.data.Dataset, Sequence[str],
                Callable[[tf.distribute.InputContext], tf.data.Dataset]]
@@ -182,6 +183,7 @@ def distribute_dataset(
     initial_epoch: int = 0,
     initial_step: int = 0,
     steps_per_epoch: Optional[int] = None,
+    sharding: str = "auto",
 ) -> DistributedData:
     """Per-replica batches of `source` for `strategy`.
 
@@ -194,7 +196,13 @@ def distribute_dataset(
       reproducible order.
     initial_epoch/initial_step: where a resumed training job starts (step k of epoch e is skipped to, not replayed).
     steps_per_epoch: shorter training epochs than one pass (each still a fresh shuffle of the whole share).
+    sharding: how training pipelines split a dataset: "auto" (by files when there are enough, else by records) or
+      "batch": every pipeline reads the whole split in the one global order and keeps its slice of each global
+      batch, so any number of replicas and workers trains on exactly the single-device batch sequence (the way to
+      check equivalence, or to compare runs across cluster sizes), at the cost of every worker reading everything.
     """
+    if sharding not in SHARDINGS:
+        raise UserError(f"--input_sharding={sharding!r} is not valid; choose one of: {', '.join(SHARDINGS)}")
     source = _resolve(source, split, data_dir, training)
     num_replicas = strategy.num_replicas_in_sync
     per_replica = check_global_batch(global_batch_size, num_replicas)
@@ -209,8 +217,10 @@ def distribute_dataset(
         options.deterministic = deterministic
     plans = []
 
+    by_batch = training and sharding == "batch" and isinstance(source, DatasetSplit)
+
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        share = _share(source, ctx)
+        share = _Share("batch", [source.num_examples], source.read(None)) if by_batch else _share(source, ctx)
         data = _filled_cache(share.dataset) if cache else share.dataset
         if training:
             steps = training_steps(share.sizes, global_batch_size, num_replicas)
@@ -222,7 +232,7 @@ def distribute_dataset(
             if initial_step >= steps:
                 raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")
             data = _training_batches(data, ctx, per_replica, steps, seed, shuffle_buffer, preprocess, initial_epoch,
-                                     initial_step)
+                                     initial_step, global_batch_size if by_batch else None)
         else:
             steps = evaluation_steps(share.sizes, global_batch_size, num_replicas)
             if preprocess is not None:
@@ -254,11 +264,19 @@ def _filled_cache(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, per_replica: int, steps: int,
-                      seed: int, buffer: int, preprocess, initial_epoch: int, initial_step: int) -> tf.data.Dataset:
+                      seed: int, buffer: int, preprocess, initial_epoch: int, initial_step: int,
+                      slice_of_global: Optional[int] = None) -> tf.data.Dataset:
     """Epochs initial_epoch, initial_epoch + 1, ... of `steps` steps each (one batch per local replica per step),
-    epoch e shuffled by epoch_seed(seed, e); the first `initial_step` steps are skipped."""
+    epoch e shuffled by epoch_seed(seed, e); the first `initial_step` steps are skipped. With `slice_of_global` (the
+    global batch), `share` is the whole split and this pipeline keeps its slice of each global batch."""
     replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     batches_per_epoch = steps * replicas
+    per_pipeline = per_replica * replicas
+    first = ctx.input_pipeline_id * per_pipeline
+
+    def my_slice(*batch):
+        part = tuple(x[first:first + per_pipeline] for x in batch)
+        return part if len(part) > 1 else part[0]
 
     def epoch(e):
         # Traced in a graph, this sets only this function's graph-level seed, which TF pairs with the op seed: the
@@ -267,6 +285,8 @@ def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, p
         data = share.shuffle(buffer, seed=epoch_seed(seed, e))
         if preprocess is not None:
             data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        if slice_of_global:
+            data = data.batch(slice_of_global, drop_remainder=True).map(my_slice).unbatch()
         return data.batch(per_replica, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE).take(batches_per_epoch)
 
     epochs = tf.data.Dataset.counter(initial_epoch).flat_map(epoch).skip(initial_step * replicas)

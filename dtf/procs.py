@@ -17,7 +17,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 from dtf import cluster as cluster_lib
 
 TAIL_LINES = 40
-GRACE_S = 5.0
+# Seconds between SIGTERM and SIGKILL. Measured on TF 2.21: once MultiWorkerMirroredStrategy is up, TF's preemption
+# notifier takes over SIGTERM and the process keeps running (even in plain Python code), and a worker whose peer died
+# hangs in the collective rather than exiting. So SIGTERM only helps non-TF jobs; waiting longer just delays the stop.
+GRACE_S = 3.0
 
 
 @dataclasses.dataclass
@@ -30,7 +33,12 @@ class WorkerResult:
 
     @property
     def role(self) -> str:
-        return "chief" if self.index == 0 else f"worker {self.index}"
+        return role(self.index)
+
+    @property
+    def status(self) -> str:
+        """How the worker ended, for people: 'exit code 3', 'killed by SIGKILL', 'stopped by the group'."""
+        return describe_returncode(self.returncode)
 
 
 @dataclasses.dataclass
@@ -38,6 +46,7 @@ class GroupResult:
     workers: List[WorkerResult]
     timed_out: bool
     first_failure: Optional[int]  # index of the worker that failed first, if any
+    stop_s: Optional[float] = None  # seconds from noticing the failure (or the timeout) to every worker gone
 
     @property
     def ok(self) -> bool:
@@ -49,6 +58,21 @@ class GroupResult:
             lines.append(f"--- {w.role} (pid {w.pid}) exit={w.returncode} ---")
             lines.extend(w.tail)
         return "\n".join(lines)
+
+
+def role(index: int) -> str:
+    return "chief" if index == 0 else f"worker {index}"
+
+
+def describe_returncode(returncode: Optional[int]) -> str:
+    if returncode is None:
+        return "stopped by the group"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
 
 
 def _kill_group(proc: subprocess.Popen, sig: int):
@@ -79,9 +103,10 @@ def stop_all(procs: Sequence[subprocess.Popen], grace_s: float = GRACE_S):
 
 def run_group(
     command: Sequence[str],
-    tf_configs: Sequence[str],
+    tf_configs: Sequence[Optional[str]],
     *,
     env: Optional[Dict[str, str]] = None,
+    process_envs: Optional[Sequence[Optional[Dict[str, str]]]] = None,
     cwd: Optional[str] = None,
     timeout_s: Optional[float] = None,
     on_line: Optional[Callable[[int, str], None]] = None,
@@ -91,61 +116,77 @@ def run_group(
 
     Each process runs in its own session (process group) so that stopping it also stops anything it spawned.
     `on_line(index, line)` sees every output line as it arrives; `on_start(procs)` runs once all are started.
+    A `tf_configs` entry of None starts that process without TF_CONFIG (an inherited one is removed);
+    `process_envs[i]`, if given, is added to process i's environment (after TF_CONFIG).
     """
+    if process_envs is not None and len(process_envs) != len(tf_configs):
+        raise ValueError(f"process_envs has {len(process_envs)} entries for {len(tf_configs)} processes")
     base_env = dict(os.environ if env is None else env)
     base_env.setdefault("PYTHONUNBUFFERED", "1")
-    procs, outputs, tails, readers = [], [], [], []
-    for i, tf_config in enumerate(tf_configs):
-        worker_env = dict(base_env, TF_CONFIG=tf_config)
-        p = subprocess.Popen(list(command), env=worker_env, cwd=cwd, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                             text=True, errors="replace")
-        procs.append(p)
-        outputs.append([])
-        tails.append(deque(maxlen=TAIL_LINES))
+    procs, outputs, tails, threads = [], [], [], []
+    exited = []  # worker indices in the order their processes ended: the first failure is the cause, not a victim
+    changed = threading.Event()
 
-        def read(i=i, p=p):
-            for line in p.stdout:
-                line = line.rstrip("\n")
-                outputs[i].append(line)
-                tails[i].append(line)
-                if on_line:
-                    on_line(i, line)
+    def read(i, p):
+        for line in p.stdout:
+            line = line.rstrip("\n")
+            outputs[i].append(line)
+            tails[i].append(line)
+            if on_line:
+                on_line(i, line)
 
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        readers.append(t)
-    if on_start:
-        on_start(procs)
+    def wait(i, p):
+        p.wait()
+        exited.append(i)
+        changed.set()
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    timed_out, first_failure, killed = False, None, set()
+    timed_out, first_failure, killed, stop_s = False, None, set(), None
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                first_failure = failed[0]
-                killed = {i for i, c in enumerate(codes) if c is None}
+        for i, tf_config in enumerate(tf_configs):
+            worker_env = dict(base_env)
+            if tf_config is None:
+                worker_env.pop("TF_CONFIG", None)
+            else:
+                worker_env["TF_CONFIG"] = tf_config
+            if process_envs is not None and process_envs[i]:
+                worker_env.update(process_envs[i])
+            p = subprocess.Popen(list(command), env=worker_env, cwd=cwd, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                 text=True, errors="replace")
+            procs.append(p)
+            outputs.append([])
+            tails.append(deque(maxlen=TAIL_LINES))
+            for target in (read, wait):
+                t = threading.Thread(target=target, args=(i, p), daemon=True)
+                t.start()
+                threads.append(t)
+        if on_start:
+            on_start(procs)
+        while len(exited) < len(procs):
+            changed.wait(0.1)
+            changed.clear()
+            failed = [i for i in list(exited) if procs[i].returncode != 0]
+            if failed or (deadline is not None and time.monotonic() > deadline):
+                if failed:
+                    first_failure = failed[0]
+                else:
+                    timed_out = True
+                killed = {i for i in range(len(procs)) if i not in exited}
+                started = time.monotonic()
                 stop_all(procs)
+                stop_s = time.monotonic() - started
                 break
-            if all(c == 0 for c in codes):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                timed_out = True
-                killed = {i for i, c in enumerate(codes) if c is None}
-                stop_all(procs)
-                break
-            time.sleep(0.1)
-    except BaseException:  # Ctrl-C or a test failure: nobody outlives the caller.
+    except BaseException:  # Ctrl-C, a signal turned exception, or a test failure: nobody outlives the caller.
         stop_all(procs)
         raise
     finally:
-        for t in readers:
+        for t in threads:
             t.join(timeout=5)
     return GroupResult(
         workers=[WorkerResult(index=i, pid=p.pid, returncode=None if i in killed else p.returncode,
                               output="\n".join(outputs[i]), tail=list(tails[i])) for i, p in enumerate(procs)],
-        timed_out=timed_out, first_failure=first_failure)
+        timed_out=timed_out, first_failure=first_failure, stop_s=stop_s)
 
 
 def run_local_workers(command: Sequence[str], num_workers: int, **kwargs) -> GroupResult:
@@ -155,3 +196,25 @@ def run_local_workers(command: Sequence[str], num_workers: int, **kwargs) -> Gro
 
 def python_command(*args: str) -> List[str]:
     return [sys.executable, *args]
+
+
+class Stopped(BaseException):
+    """SIGINT/SIGTERM to a process that runs a group: a BaseException so that it unwinds through `run_group`, which
+    then stops every process of the group."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_stop_signal(signum, frame):
+    del frame
+    for s in (signal.SIGINT, signal.SIGTERM):  # one stop is enough: let it finish stopping the group
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def raise_stopped_on_signals():
+    """From now on SIGINT/SIGTERM raise `Stopped` in the main thread."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _on_stop_signal)

@@ -44,7 +44,7 @@ def raise_usage(message):
 
 
 def main(argv=None):
-    return cli.main("dtf.run", _define, _body, argv)
+    return cli.main("dtf.run", _define, _body, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ from dtf import scaling
 
 
 class TrainingScalars(keras.callbacks.Callback):
-    """Writes `learning_rate`, `examples_per_sec` (global: all replicas) and `step_time_ms`, every `every_n_steps`
-    and at each epoch end (tags `epoch_…`), at the optimizer's global step."""
+    """Writes `learning_rate`, `examples_per_sec` (global: all replicas) and `step_time_ms` every `every_n_steps`
+    at the optimizer's step, and adds them to each epoch's logs, so Keras's TensorBoard callback (listed after this
+    one) writes them as `epoch_…` tags and they land in the history and summary.json.
+
+    Each tag is written by one writer only: TensorBoard drops points when one tag's steps go backwards across files.
+    """
 
     def __init__(self, log_dir: str, global_batch_size: int, every_n_steps: int = 10, cluster=None):
         super().__init__()
@@ -31,28 +35,25 @@ class TrainingScalars(keras.callbacks.Callback):
         self._epoch_start = self._window_start = time.perf_counter()
         self._epoch_steps = self._window_steps = 0
 
-    def _write(self, prefix: str, steps: int, seconds: float):
-        step = int(self.model.optimizer.iterations.numpy())
-        with self._writer.as_default(step=step):
-            tf.summary.scalar(prefix + "learning_rate", scaling.current_lr(self.model.optimizer))
-            if steps and seconds > 0:
-                tf.summary.scalar(prefix + "examples_per_sec", steps * self.global_batch_size / seconds)
-                tf.summary.scalar(prefix + "step_time_ms", 1000 * seconds / steps)
-
     def on_train_batch_end(self, batch, logs=None):
         self._epoch_steps += 1
         self._window_steps += 1
         if self._epoch_steps % self.every == 0:
             now = time.perf_counter()
-            self._write("", self._window_steps, now - self._window_start)
+            seconds, steps = now - self._window_start, self._window_steps
+            step = int(self.model.optimizer.iterations.numpy())
+            with self._writer.as_default(step=step), tf.summary.record_if(True):  # Keras's record_if is global
+                tf.summary.scalar("learning_rate", scaling.current_lr(self.model.optimizer))
+                tf.summary.scalar("examples_per_sec", steps * self.global_batch_size / seconds)
+                tf.summary.scalar("step_time_ms", 1000 * seconds / steps)
             self._window_start, self._window_steps = now, 0
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self._epoch_start
-        self._write("epoch_", self._epoch_steps, seconds)
-        if logs is not None:  # also in the history and summary.json
+        seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
+        if logs is not None:
             logs["learning_rate"] = scaling.current_lr(self.model.optimizer)
-            logs["examples_per_sec"] = self._epoch_steps * self.global_batch_size / max(seconds, 1e-9)
+            logs["examples_per_sec"] = self._epoch_steps * self.global_batch_size / seconds
+            logs["step_time_ms"] = 1000 * seconds / max(self._epoch_steps, 1)
         self._writer.flush()
 
     def on_train_end(self, logs=None):

@@ -46,7 +46,7 @@ def resolve_cluster(config: Config) -> cluster_lib.ClusterInfo:
     if config.cluster_resolver == "slurm":
         if config.worker_hosts:
             raise UserError("--cluster_resolver=slurm and --worker_hosts both name the cluster; use one")
-        os.environ["TF_CONFIG"] = cluster_lib.tf_config_from_slurm()
+        os.environ["TF_CONFIG"] = cluster_lib.slurm_tf_config()
     return cluster_lib.resolve_cluster(config.worker_hosts, config.task_index)
 
 
@@ -88,9 +88,10 @@ class Experiment:
             per_replica_batch_size=config.per_replica_batch_size)
         self.train_split = datasets.load(config.dataset, "train", config.data_dir)
         self.eval_split = self._eval_split()
+        sizes = ([self.train_split.num_examples] if config.input_sharding == "batch"
+                 else data_lib.share_sizes(self.train_split, cluster.num_workers)[1])
         self.steps_per_epoch = config.steps_per_epoch or data_lib.training_steps(
-            data_lib.share_sizes(self.train_split, cluster.num_workers)[1], self.plan.global_batch_size,
-            self.plan.num_replicas)
+            sizes, self.plan.global_batch_size, self.plan.num_replicas)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.effective_batch = self.plan.global_batch_size * (config.gradient_accumulation_steps or 1)
         self.peak_lr = scaling.scaled_lr(config.base_lr, self.effective_batch, config.reference_batch_size,
@@ -115,7 +116,8 @@ class Experiment:
         return data_lib.distribute_dataset(
             self.strategy, self.train_split, self.plan.global_batch_size, training=True, seed=c.seed,
             shuffle_buffer=c.shuffle_buffer, cache=c.cache, deterministic=c.deterministic,
-            initial_epoch=initial_epoch, initial_step=initial_step, steps_per_epoch=self.steps_per_epoch)
+            initial_epoch=initial_epoch, initial_step=initial_step, steps_per_epoch=self.steps_per_epoch,
+            sharding=c.input_sharding)
 
     def eval_data(self) -> data_lib.DistributedData:
         return data_lib.distribute_dataset(self.strategy, self.eval_split, self.plan.global_batch_size,

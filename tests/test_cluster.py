@@ -90,7 +90,8 @@ def test_build_tf_config_errors_name_the_flags(hosts, index, words):
 
 
 def test_resolve_cluster_flags(monkeypatch):
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setenv("TF_CONFIG", "")  # recorded, so the TF_CONFIG that resolve_cluster exports is undone after
+    monkeypatch.delenv("TF_CONFIG")
     with pytest.raises(UserError, match="--worker_hosts needs --task_index"):
         cluster.resolve_cluster("127.0.0.1:5000,127.0.0.1:5001", None)
     with pytest.raises(UserError, match="--task_index is set without --worker_hosts"):

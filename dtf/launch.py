@@ -1,0 +1,223 @@
+"""`python -m dtf.launch --num_workers=N [--max_restarts=R] [--timeout=S] [--dry_run] -- <command...>`
+
+Runs N copies of a command on this machine as one multi-worker cluster on 127.0.0.1 (worker 0 is the chief), each
+with its own TF_CONFIG and DTF_LAUNCH_RESTART (how many times the group was started before this one). Output is
+streamed line by line as `[chief] ...` / `[worker 1] ...`. When a worker fails, the others are stopped at once (a
+MultiWorkerMirroredStrategy cannot go on without a peer; the survivors would hang in a collective), the launcher
+says which worker died and shows its last lines, and, while --max_restarts allows, restarts all of them on new
+ports; the job resumes from the chief's backup in its model_dir. A worker that could not bind its port is retried
+on fresh ports without using up a restart.
+
+Exit status: the chief's (0 when every worker succeeded); the failed worker's status after the last restart (128+N
+for signal N); 124 when --timeout ran out; 130/143 when the launcher got SIGINT/SIGTERM; 2 for bad input.
+
+`--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests).
+"""
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import threading
+import time
+from typing import List, Optional, Sequence, Tuple
+
+from absl import flags
+
+from dtf import cluster as cluster_lib
+from dtf import manifests
+from dtf import procs
+from dtf.errors import UserError
+from dtf.logs import get_logger
+
+log = get_logger("dtf.launch")  # not __name__: that is "__main__" under `python -m`
+
+# A private flag registry: the launcher's flags must not collide with those of a program imported in the same process.
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("num_workers", None, "Number of worker processes (worker 0 is the chief).", flag_values=FLAGS)
+flags.DEFINE_integer("max_restarts", 0, "Restart the whole group up to this many times after a worker fails.",
+                     flag_values=FLAGS)
+flags.DEFINE_float("timeout", None, "Seconds the whole job (all restarts included) may take; then stop everyone.",
+                   flag_values=FLAGS)
+flags.DEFINE_bool("dry_run", False, "Print each worker's TF_CONFIG (one JSON per line) and the command; start nothing.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("emit", None, f"Print a cluster manifest instead of running: one of {', '.join(manifests.KINDS)}.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("image", None, f"Container image for --emit=tfjob (default {manifests.DEFAULT_IMAGE}).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("job_name", None, f"Job name for --emit (default {manifests.DEFAULT_JOB_NAME}).",
+                    flag_values=FLAGS)
+
+HOST = "127.0.0.1"  # local clusters never listen for, or point at, another address
+PORT_RETRIES = 3
+REPORT_LINES = 20
+TIMEOUT_STATUS = 124
+# How a worker says it could not bind its port: TF's gRPC server (measured on TF 2.21), or a plain socket error.
+_PORT_TAKEN = re.compile(r"Could not start gRPC server|Failed to add port to server|Address already in use")
+
+
+def parse_args(argv: Sequence[str]) -> List[str]:
+    """Parse the launcher's flags (into FLAGS) and return the command after `--`; raise UserError on bad input."""
+    args = list(argv[1:])
+    split = args.index("--") if "--" in args else len(args)
+    flag_args, command = args[:split], args[split + 1:]
+    FLAGS.unparse_flags()  # start from the defaults on every call, not from the previous call's values
+    try:
+        extra = FLAGS([argv[0], *flag_args])[1:]
+    except flags.Error as e:
+        raise UserError(str(e).replace("\n", " ")) from None
+    if extra:
+        raise UserError(f"unexpected argument {extra[0]!r} before '--'; put the command to run after '--', e.g. "
+                        "python -m dtf.launch --num_workers=2 -- python train.py")
+    if FLAGS.num_workers is None:
+        raise UserError("--num_workers is required; e.g. --num_workers=2")
+    if FLAGS.num_workers < 1:
+        raise UserError(f"--num_workers must be >= 1, got {FLAGS.num_workers}; e.g. --num_workers=2")
+    if FLAGS.max_restarts < 0:
+        raise UserError(f"--max_restarts must be >= 0, got {FLAGS.max_restarts}; use 0 for no restarts")
+    if FLAGS.timeout is not None and FLAGS.timeout <= 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {FLAGS.timeout:g}; leave it out for no limit")
+    if FLAGS.emit is not None and FLAGS.emit not in manifests.KINDS:
+        raise UserError(f"--emit={FLAGS.emit} is not a manifest kind; use --emit=tfjob or --emit=slurm")
+    if FLAGS.emit and FLAGS.dry_run:
+        raise UserError("--emit and --dry_run both print instead of running; use one of them")
+    if FLAGS.image is not None and FLAGS.emit != "tfjob":
+        raise UserError("--image only applies to --emit=tfjob; remove it or add --emit=tfjob")
+    if FLAGS.job_name is not None and not FLAGS.emit:
+        raise UserError("--job_name only applies with --emit=tfjob|slurm; remove it or add --emit")
+    if not command:
+        raise UserError("no command to launch; put it after '--', e.g. "
+                        "python -m dtf.launch --num_workers=2 -- python train.py")
+    if not (FLAGS.emit or FLAGS.dry_run) and shutil.which(command[0]) is None:
+        raise UserError(f"command {command[0]!r} after '--' was not found; give a program on PATH or a path to one")
+    return command
+
+
+def _fresh_hosts(num_workers: int, avoid: Sequence[str]) -> List[str]:
+    """Loopback addresses on free ports, none reused from the previous start (its ports may still be held)."""
+    while True:
+        hosts = [f"{HOST}:{port}" for port in cluster_lib.free_ports(num_workers, HOST)]
+        if not set(hosts) & set(avoid):
+            return hosts
+
+
+def tf_configs(hosts: Sequence[str]) -> List[str]:
+    return [cluster_lib.build_tf_config(list(hosts), i) for i in range(len(hosts))]
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _Printer:
+    """Prints worker lines with their role; one lock so lines from different workers never interleave.
+
+    If our stdout goes away (the reader closed the pipe), lines are dropped rather than raising: the worker pipes
+    must keep being drained, or a worker blocks writing and the job hangs."""
+
+    def __init__(self, out):
+        self._out, self._lock, self._broken = out, threading.Lock(), False
+
+    def __call__(self, index: int, line: str):
+        with self._lock:
+            if self._broken:
+                return
+            try:
+                self._out.write(f"[{procs.role(index)}] {line}\n")
+                self._out.flush()
+            except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+                self._broken = True
+
+
+def _report_failure(result: procs.GroupResult, hosts: Sequence[str]) -> Tuple[int, bool]:
+    """Log which worker died and its last lines; return its exit status and whether it failed to bind its port."""
+    dead = result.workers[result.first_failure]
+    log.info("launch: %s (pid %d, %s) died: %s; stopped the others in %.1fs", dead.role, dead.pid,
+             hosts[dead.index], dead.status, result.stop_s)
+    if dead.tail:
+        log.info("launch: last lines of %s:\n%s", dead.role,
+                 "\n".join(f"  | {line}" for line in dead.tail[-REPORT_LINES:]))
+    port_taken = any(_PORT_TAKEN.search(line) for line in dead.tail)
+    return _exit_status(dead.returncode), port_taken
+
+
+def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
+           timeout_s: Optional[float] = None) -> int:
+    """Run `command` as `num_workers` local workers until they all succeed, restarting after failures; see module doc."""
+    printer = _Printer(sys.stdout)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    restarts = port_retries = start = 0
+    hosts: List[str] = []
+    began = time.monotonic()
+    while True:
+        hosts = _fresh_hosts(num_workers, hosts)
+        log.info("launch: starting %d worker(s) on %s (DTF_LAUNCH_RESTART=%d)", num_workers, ",".join(hosts), start)
+
+        def on_start(started, hosts=hosts):
+            for i, p in enumerate(started):
+                log.info("launch: %s pid %d (%s)", procs.role(i), p.pid, hosts[i])
+
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        result = procs.run_group(command, tf_configs(hosts), env=dict(os.environ, DTF_LAUNCH_RESTART=str(start)),
+                                 timeout_s=remaining, on_line=printer, on_start=on_start)
+        start += 1
+        if result.ok:
+            log.info("launch: all %d worker(s) finished in %.1fs (%d restart(s))", num_workers,
+                     time.monotonic() - began, restarts)
+            return result.workers[0].returncode
+        if result.timed_out:
+            log.info("launch: --timeout=%gs ran out; stopped all workers in %.1fs", timeout_s, result.stop_s)
+            return TIMEOUT_STATUS
+        status, port_taken = _report_failure(result, hosts)
+        if port_taken and port_retries < PORT_RETRIES:
+            port_retries += 1
+            log.info("launch: a port was taken; retrying on fresh ports (%d of %d)", port_retries, PORT_RETRIES)
+            continue
+        if restarts >= max_restarts:
+            if max_restarts:
+                log.info("launch: giving up after %d restart(s)", restarts)
+            return status
+        if deadline is not None and time.monotonic() >= deadline:
+            log.info("launch: --timeout=%gs ran out; not restarting", timeout_s)
+            return TIMEOUT_STATUS
+        restarts += 1
+        log.info("launch: restarting all %d worker(s) on new ports (restart %d of %d)", num_workers, restarts,
+                 max_restarts)
+
+
+def main(argv: Sequence[str]) -> int:
+    if {"--help", "-h", "--helpfull"} & set(argv[1:argv.index("--") if "--" in argv else None]):
+        print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
+        return 0
+    try:
+        command = parse_args(argv)
+        if FLAGS.emit:
+            job_name = FLAGS.job_name or manifests.DEFAULT_JOB_NAME
+            # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
+            max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
+            if FLAGS.emit == "tfjob":
+                text = manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
+                                       job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout)
+            else:
+                text = manifests.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
+                                        timeout_s=FLAGS.timeout)
+            print(text, end="")
+            return 0
+    except UserError as e:
+        print(f"dtf.launch: error: {e}", file=sys.stderr)
+        return 2
+    if FLAGS.dry_run:
+        print("\n".join(tf_configs(_fresh_hosts(FLAGS.num_workers, []))))
+        print(shlex.join(command))
+        return 0
+    procs.raise_stopped_on_signals()
+    try:
+        return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout)
+    except procs.Stopped as stop:
+        log.info("launch: got %s; stopped all workers", signal.Signals(stop.signum).name)
+        return 128 + stop.signum
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

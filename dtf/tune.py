@@ -1,0 +1,696 @@
+"""`python -m dtf.tune --flagfile=sweep.flags`: a keras-tuner sweep where every trial is a `dtf.run` experiment.
+
+Takes every `dtf.run` flag plus a search space:
+
+  --tune_global_batch_sizes=64,128,256   global batch (sharded over the replicas by dtf)
+  --tune_base_lr=1e-3:1e-1:log           a range MIN:MAX[:log] (random/bayesian) or a list 0.01,0.1
+  --tune_warmup_epochs=0,1
+  --tune_lr_scaling=linear,sqrt
+  --tuner=random|bayesian|hyperband|grid --max_trials=N --executions_per_trial=N
+  --objective=val_accuracy|val_loss --tune_dir=DIR
+
+A trial's Config is `config_from_flags(**trial_values)` — the same code path as `dtf.run` — and it trains with
+`dtf.train.Experiment` under the strategy created once from the flags, so the batch is sharded per replica and the
+peak LR scaled by dtf's rule. A trial that diverges is recorded as failed and the sweep goes on. Rerunning the same
+command resumes the sweep (finished trials are kept). Outputs in --tune_dir: results.csv, best.flags (train it with
+`python -m dtf.run --flagfile=TUNE_DIR/best.flags`), objective_vs_batch.png, TensorBoard logs in tb/<trial_id>
+(with HParams), and keras-tuner's own state in sweep/.
+
+Distributed: `--num_tuners=N` starts, with `dtf.procs`, one chief process (keras-tuner's oracle, served over gRPC on
+127.0.0.1; it never trains) plus N tuner workers (tuner0..tuner{N-1}) that ask it for trials and train them with
+whatever --strategy the flags say; each runs this same command line with KERASTUNER_TUNER_ID/_ORACLE_IP/_ORACLE_PORT
+set and no TF_CONFIG. Output is prefixed [chief]/[tuner0]/...; if one fails all are stopped (non-zero exit). Only
+the chief writes results.csv, best.flags and the plot. Rerunning the same command resumes (trials that were running
+when the sweep was killed are run again). With those KERASTUNER_* variables already set (your own cluster), dtf.tune
+just runs as that role.
+"""
+import csv
+import json
+import math
+import os
+import sys
+import signal
+import time
+from typing import Dict, List, Optional, Sequence
+
+from dtf import cli
+
+TUNERS = ("random", "bayesian", "hyperband", "grid")
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min"}
+PROJECT = "sweep"
+SPACE_FILE = "space.json"
+TRIALS_DIR = "trial_info"
+ORACLE_HOST = "127.0.0.1"
+# Set by the --num_tuners launcher on the chief: the tuner ids it must see stopped before it exits (see _serve_oracle).
+NUM_TUNERS_ENV = "DTF_TUNE_NUM_TUNERS"
+PORT_RETRIES = 2
+# Space flag -> (Config field, value type).
+SPACE_FLAGS = {
+    "tune_global_batch_sizes": ("global_batch_size", int),
+    "tune_base_lr": ("base_lr", float),
+    "tune_warmup_epochs": ("warmup_epochs", float),
+    "tune_lr_scaling": ("lr_scaling", str),
+}
+RESULT_COLUMNS = ["trial", "global_batch_size", "base_lr", "warmup_epochs", "lr_scaling", "peak_lr", "objective",
+                  "epochs_run", "wall_time_s", "status", "tuner"]
+
+
+def _define():
+    from absl import flags
+
+    from dtf import flags as dtf_flags
+
+    dtf_flags.define_flags()
+    module = "dtf: tuning"
+    kw = dict(module_name=module)
+    flags.DEFINE_list("tune_global_batch_sizes", None, "Global batch sizes to try, e.g. 64,128,256.", **kw)
+    flags.DEFINE_string("tune_base_lr", None, "base_lr: a range MIN:MAX[:log] or a list, e.g. 0.01,0.1.", **kw)
+    flags.DEFINE_list("tune_warmup_epochs", None, "Warmup epochs to try, e.g. 0,1.", **kw)
+    flags.DEFINE_list("tune_lr_scaling", None, "LR scaling rules to try, e.g. linear,sqrt.", **kw)
+    flags.DEFINE_string("tuner", "random", f"Search algorithm: {', '.join(TUNERS)}.", **kw)
+    flags.DEFINE_integer("max_trials", 10, "Trials to run (grid: at most this many; hyperband: ignored).", **kw)
+    flags.DEFINE_integer("executions_per_trial", 1, "Trainings per trial (objective averaged).", **kw)
+    flags.DEFINE_string("objective", "val_accuracy", f"What to optimize: {', '.join(OBJECTIVES)}.", **kw)
+    flags.DEFINE_string("tune_dir", "runs/tune", "Sweep directory (rerun the same command to resume).", **kw)
+    flags.DEFINE_integer("num_tuners", 0, "Distributed tuning on this host: a chief (oracle) process plus this many "
+                         "tuner-worker processes on 127.0.0.1. 0: one process. Ignored when KERASTUNER_TUNER_ID is "
+                         "set (the process runs as that role).", **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------- space
+
+
+def _parse_list(flag: str, values, kind) -> Optional[list]:
+    from dtf.errors import UserError
+
+    if values is None:
+        return None
+    values = [v.strip() for v in values if v.strip()]
+    if not values:
+        raise UserError(f"--{flag} is empty; give at least one value or leave the flag out")
+    try:
+        out = [kind(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{flag}={','.join(values)} must be a comma-separated list of {kind.__name__}s")
+    if kind is float and not all(math.isfinite(v) for v in out):
+        raise UserError(f"--{flag}={','.join(values)} must be finite numbers")
+    return list(dict.fromkeys(out))  # unique, in order
+
+
+def parse_space(flag_values) -> Dict[str, dict]:
+    """{Config field: {"values": [...]} or {"min":, "max":, "log":}} from the --tune_* flags (validated shapes)."""
+    from dtf.errors import UserError
+
+    space = {}
+    for flag in ("tune_global_batch_sizes", "tune_warmup_epochs", "tune_lr_scaling"):
+        field, kind = SPACE_FLAGS[flag]
+        values = _parse_list(flag, flag_values[flag].value, kind)
+        if values is not None:
+            space[field] = {"values": values}
+    lr = flag_values["tune_base_lr"].value
+    if lr is not None:
+        text = lr.strip()
+        if not text:
+            raise UserError("--tune_base_lr is empty; give MIN:MAX[:log] or a list such as 0.01,0.1")
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("log", "linear")):
+                raise UserError(f"--tune_base_lr={text} must be MIN:MAX or MIN:MAX:log")
+            try:
+                lo, hi = float(parts[0]), float(parts[1])
+            except ValueError:
+                raise UserError(f"--tune_base_lr={text}: MIN and MAX must be numbers")
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise UserError(f"--tune_base_lr={text}: MIN and MAX must be finite")
+            if lo > hi:
+                raise UserError(f"--tune_base_lr={text}: MIN {lo:g} is greater than MAX {hi:g}")
+            if lo <= 0:
+                raise UserError(f"--tune_base_lr={text}: MIN must be > 0")
+            space["base_lr"] = {"min": lo, "max": hi, "log": len(parts) == 3 and parts[2] == "log"}
+        else:
+            space["base_lr"] = {"values": _parse_list("tune_base_lr", text.split(","), float)}
+    if not space:
+        raise UserError("nothing to tune: give at least one of --tune_global_batch_sizes, --tune_base_lr, "
+                        "--tune_warmup_epochs, --tune_lr_scaling")
+    return space
+
+
+def _corner_values(spec: dict) -> list:
+    return spec["values"] if "values" in spec else [spec["min"], spec["max"]]
+
+
+def validate_space(space: dict, base_config, num_replicas: int, tuner: str, objective: str, max_trials: int,
+                   executions_per_trial: int):
+    """Fail with one line before any trial runs: every corner of the space must make a valid Config and plan."""
+    import itertools
+
+    from dtf import scaling
+    from dtf.errors import UserError
+
+    if tuner not in TUNERS:
+        raise UserError(f"--tuner={tuner!r} is not valid; choose one of: {', '.join(TUNERS)}")
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective={objective!r} is not valid; choose one of: {', '.join(OBJECTIVES)}")
+    if max_trials < 1:
+        raise UserError(f"--max_trials={max_trials} must be >= 1")
+    if executions_per_trial < 1:
+        raise UserError(f"--executions_per_trial={executions_per_trial} must be >= 1")
+    if tuner == "grid" and any("values" not in s for s in space.values()):
+        raise UserError("--tuner=grid needs lists, not ranges: give e.g. --tune_base_lr=0.01,0.1")
+    if tuner == "hyperband" and base_config.epochs < 2:
+        raise UserError(f"--tuner=hyperband needs --epochs >= 2 (its max epochs), got {base_config.epochs}")
+    for batch in space.get("global_batch_size", {}).get("values", []):
+        if batch % num_replicas:
+            raise UserError(f"--tune_global_batch_sizes: {batch} is not divisible by the {num_replicas} replicas; "
+                            f"use multiples of {num_replicas}")
+    fields = list(space)
+    for combo in itertools.product(*(_corner_values(space[f]) for f in fields)):
+        overrides = dict(zip(fields, combo))
+        if "global_batch_size" in overrides:
+            overrides["per_replica_batch_size"] = None
+        try:
+            config = base_config.replace(**overrides)
+        except UserError as e:
+            raise UserError(f"search space point {overrides}: {e}")
+        if config.global_batch_size:
+            scaling.BatchPlan.create(num_replicas, global_batch_size=config.global_batch_size)
+
+
+def _space_signature(space: dict, flag_values) -> dict:
+    return {"space": space, "tuner": flag_values["tuner"].value, "objective": flag_values["objective"].value}
+
+
+# ---------------------------------------------------------------------------------------------------- hypermodel
+
+
+def _make_hypermodel_class():
+    import keras
+    import keras_tuner as kt
+
+    from dtf import flags as dtf_flags
+    from dtf import train
+    from dtf.summaries import write_run_metadata
+
+    class DtfHyperModel(kt.HyperModel):
+        """build(hp) = the trial's Config + Experiment → exp.build_model(); fit = exp.fit with dtf's callbacks."""
+
+        def __init__(self, space, strategy, cluster, tune_dir):
+            super().__init__(name="dtf")
+            self.space, self.strategy, self.cluster, self.tune_dir = space, strategy, cluster, tune_dir
+            self.trial_id = None  # set by the tuner before each trial (see _tuner_class)
+            self.trials_run = []  # trial ids this process trained
+            self.exp = None
+
+        def overrides(self, hp) -> dict:
+            out = {}
+            for field, spec in self.space.items():
+                if "values" in spec:
+                    if len(spec["values"]) == 1:
+                        out[field] = hp.Fixed(field, spec["values"][0])
+                    else:
+                        out[field] = hp.Choice(field, spec["values"])
+                else:
+                    if spec["min"] == spec["max"]:
+                        out[field] = hp.Fixed(field, spec["min"])
+                    else:
+                        out[field] = hp.Float(field, spec["min"], spec["max"],
+                                              sampling="log" if spec["log"] else "linear")
+            if "global_batch_size" in out:
+                out["global_batch_size"] = int(out["global_batch_size"])
+                out["per_replica_batch_size"] = None
+            if "warmup_epochs" in out:
+                out["warmup_epochs"] = float(out["warmup_epochs"])
+            if "tuner/epochs" in hp.values:  # hyperband's budget for this bracket
+                out["epochs"] = int(hp.values["tuner/epochs"])
+            out["model_dir"] = os.path.join(self.tune_dir, "trials", str(self.trial_id))
+            return out
+
+        def build(self, hp):
+            config = dtf_flags.config_from_flags(**self.overrides(hp))
+            self.exp = train.Experiment(config, self.strategy, self.cluster)
+            return self.exp.build_model()
+
+        def fit(self, hp, model, *args, callbacks=None, **kwargs):
+            exp, trial_id = self.exp, self.trial_id
+            log_dir = os.path.join(self.tune_dir, "tb", str(trial_id))
+            info = {"trial": trial_id, "peak_lr": exp.peak_lr, "global_batch_size": exp.plan.global_batch_size,
+                    "base_lr": exp.config.base_lr, "warmup_epochs": exp.config.warmup_epochs,
+                    "lr_scaling": exp.config.lr_scaling}
+            if _role() is not None:
+                info["tuner"] = _role()
+            self.trials_run.append(trial_id)
+            if self.cluster.is_chief:
+                write_run_metadata(log_dir, _resolved(exp))
+            start = time.time()
+            try:
+                history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None), verbose=0)
+            except train.TrainingDiverged as e:
+                h = getattr(model, "history", None)
+                info.update(status="diverged", wall_time_s=time.time() - start, message=str(e),
+                            epochs_run=len(getattr(h, "history", {}).get("loss", [])) if h is not None else "")
+                _write_info(self.tune_dir, trial_id, info)
+                print(f"dtf.tune: trial {trial_id} failed: {e}", file=sys.stderr, flush=True)
+                raise kt.errors.FailedTrialError(str(e)) from None
+            info.update(status="completed", wall_time_s=time.time() - start,
+                        epochs_run=len(history.get("loss", [])))
+            _write_info(self.tune_dir, trial_id, info)
+            result = keras.callbacks.History()
+            result.history = history
+            result.epoch = list(range(len(history.get("loss", []))))
+            return result
+
+    return DtfHyperModel
+
+
+def _resolved(exp):
+    return exp.config.replace(global_batch_size=exp.plan.global_batch_size, per_replica_batch_size=None,
+                              worker_hosts=None, task_index=None)
+
+
+def _write_info(tune_dir, trial_id, info):
+    path = os.path.join(tune_dir, TRIALS_DIR)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, f"{trial_id}.json"), "w") as f:
+        json.dump(info, f, indent=2, default=float)
+
+
+def _read_info(tune_dir, trial_id) -> dict:
+    try:
+        with open(os.path.join(tune_dir, TRIALS_DIR, f"{trial_id}.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _tuner_class(name: str):
+    import keras_tuner as kt
+
+    base = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization, "hyperband": kt.Hyperband,
+            "grid": kt.GridSearch}[name]
+
+    class DtfTuner(base):
+        def run_trial(self, trial, *args, **kwargs):
+            self.hypermodel.trial_id = trial.trial_id
+            return super().run_trial(trial, *args, **kwargs)
+
+    return DtfTuner
+
+
+def make_tuner(name, hypermodel, objective, max_trials, executions_per_trial, tune_dir, strategy, seed, epochs):
+    import keras_tuner as kt
+    from absl import flags
+    from keras_tuner.src import config as kt_config
+
+    # keras-tuner prints the traceback of every failed trial; dtf prints one line (tracebacks with --verbosity=1)
+    kt_config.DEBUG = flags.FLAGS["verbosity"].value >= 1
+    common = dict(hypermodel=hypermodel, objective=kt.Objective(objective, OBJECTIVES[objective]),
+                  directory=tune_dir, project_name=PROJECT, overwrite=False, seed=seed,
+                  distribution_strategy=strategy, executions_per_trial=executions_per_trial,
+                  # a diverged trial must not stop the sweep: never reach the consecutive-failure limit
+                  max_consecutive_failed_trials=max_trials + 10, max_retries_per_trial=0)
+    cls = _tuner_class(name)
+    if name == "hyperband":
+        common["max_consecutive_failed_trials"] = 10_000
+        return cls(max_epochs=epochs, factor=3, **common)
+    return cls(max_trials=max_trials, **common)
+
+
+# ------------------------------------------------------------------------------------------------------- results
+
+
+def collect_results(tuner, tune_dir: str, config) -> List[dict]:
+    from dtf import scaling
+
+    rows = []
+    for trial_id, trial in sorted(tuner.oracle.trials.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        values, info = trial.hyperparameters.values, _read_info(tune_dir, trial_id)
+        gb = int(values.get("global_batch_size", info.get("global_batch_size") or config.global_batch_size or 64))
+        base_lr = float(values.get("base_lr", config.base_lr))
+        rule = values.get("lr_scaling", config.lr_scaling)
+        peak = info.get("peak_lr") or scaling.scaled_lr(
+            base_lr, gb * (config.gradient_accumulation_steps or 1), config.reference_batch_size, rule)
+        status = str(trial.status).split(".")[-1].lower()
+        if info.get("status") == "diverged":
+            status = "diverged"
+        rows.append({"trial": trial_id, "global_batch_size": gb, "base_lr": base_lr,
+                     "warmup_epochs": float(values.get("warmup_epochs", config.warmup_epochs)), "lr_scaling": rule,
+                     "peak_lr": peak, "objective": trial.score if trial.score is not None else "",
+                     "epochs_run": info.get("epochs_run", ""),
+                     "wall_time_s": round(info["wall_time_s"], 2) if "wall_time_s" in info else "",
+                     "status": status, "tuner": info.get("tuner", "")})
+    return rows
+
+
+def write_results(rows: List[dict], tune_dir: str):
+    with open(os.path.join(tune_dir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def format_table(rows: List[dict]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [RESULT_COLUMNS] + [[fmt(r[c]) for c in RESULT_COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(RESULT_COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def best_row(rows: List[dict], objective: str) -> Optional[dict]:
+    done = [r for r in rows if r["status"] == "completed" and r["objective"] != ""
+            and math.isfinite(float(r["objective"]))]
+    if not done:
+        return None
+    key = (lambda r: -float(r["objective"])) if OBJECTIVES[objective] == "max" else (lambda r: float(r["objective"]))
+    return min(done, key=key)
+
+
+def write_best_flags(best: dict, tune_dir: str, config) -> str:
+    overrides = dict(global_batch_size=int(best["global_batch_size"]), per_replica_batch_size=None,
+                     base_lr=float(best["base_lr"]), warmup_epochs=float(best["warmup_epochs"]),
+                     lr_scaling=best["lr_scaling"], worker_hosts=None, task_index=None,
+                     model_dir=os.path.join(tune_dir, "best"))
+    if overrides["warmup_epochs"] and config.warmup_steps is not None:
+        overrides["warmup_steps"] = None
+    best_config = config.replace(**overrides)
+    path = os.path.join(tune_dir, "best.flags")
+    with open(path, "w") as f:
+        f.write(f"# dtf.tune best trial {best['trial']}: {best['objective']} "
+                f"(train it: python -m dtf.run --flagfile={path})\n")
+        f.write(best_config.to_flagfile())
+    return path
+
+
+def plot(rows: List[dict], tune_dir: str, objective: str) -> Optional[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["objective"] != "" and math.isfinite(float(r["objective"]))]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if done:
+        lrs = [float(r["peak_lr"]) for r in done]
+        norm = mcolors.LogNorm(vmin=min(lrs), vmax=max(lrs) * (1.0001 if min(lrs) == max(lrs) else 1))
+        sc = ax.scatter([r["global_batch_size"] for r in done], [float(r["objective"]) for r in done], c=lrs,
+                        cmap="viridis", norm=norm, s=50, edgecolors="k")
+        fig.colorbar(sc, ax=ax, label="peak LR")
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch size")
+    ax.set_ylabel(objective)
+    ax.set_title(f"dtf.tune: {len(done)} completed of {len(rows)} trials")
+    fig.tight_layout()
+    path = os.path.join(tune_dir, "objective_vs_batch.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- distributed
+
+
+def _role() -> Optional[str]:
+    """None (one process), "chief" (the oracle) or this worker's KERASTUNER_TUNER_ID — keras-tuner's own rule
+    (keras_tuner/src/distribute/utils.py), read without importing keras-tuner (and TensorFlow) in the launcher."""
+    from dtf.errors import UserError
+
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return None
+    for var in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        if var not in os.environ:
+            raise UserError(f"KERASTUNER_ORACLE_IP is set but {var} is not; set both (or neither)")
+    tuner_id = os.environ["KERASTUNER_TUNER_ID"]
+    return "chief" if "chief" in tuner_id else tuner_id
+
+
+def _strip_flag(args: Sequence[str], name: str) -> List[str]:
+    """`args` without --name=V / --name V / --noname (the launcher's own flag)."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg in (f"--{name}", f"-{name}"):
+            skip = True
+            continue
+        if arg.split("=", 1)[0] in (f"--{name}", f"-{name}"):
+            continue
+        out.append(arg)
+    return out
+
+
+def launch(argv: Sequence[str], num_tuners: int) -> int:
+    """Run the chief (oracle) + `num_tuners` tuner workers on 127.0.0.1 with dtf.procs; the exit status of the group."""
+    import threading
+
+    from dtf import cluster as cluster_lib
+    from dtf import procs
+
+    names = ["chief"] + [f"tuner{i}" for i in range(num_tuners)]
+    command = procs.python_command("-m", "dtf.tune", *_strip_flag(list(argv[1:]), "num_tuners"))
+    env = dict(os.environ)
+    env.pop("TF_CONFIG", None)  # tuner processes are independent; a trial's strategy comes from the flags
+    width = max(len(n) for n in names)
+    lock = threading.Lock()
+
+    def on_line(i, line):
+        with lock:
+            print(f"[{names[i]:>{width}}] {line}", flush=True)
+
+    for attempt in range(PORT_RETRIES + 1):
+        port = cluster_lib.free_ports(1, ORACLE_HOST)[0]
+        common = {"KERASTUNER_ORACLE_IP": ORACLE_HOST, "KERASTUNER_ORACLE_PORT": str(port),
+                  NUM_TUNERS_ENV: str(num_tuners)}
+        envs = [dict(common, KERASTUNER_TUNER_ID=n) for n in names]
+
+        def on_start(started, port=port):
+            print(f"dtf.tune: oracle on {ORACLE_HOST}:{port}; " +
+                  ", ".join(f"{n} pid {p.pid}" for n, p in zip(names, started)), flush=True)
+
+        result = procs.run_group(command, [None] * len(names), env=env, process_envs=envs, on_line=on_line,
+                                 on_start=on_start)
+        if result.ok:
+            return 0
+        failed = result.workers[result.first_failure] if result.first_failure is not None else result.workers[0]
+        if (failed.index == 0 and attempt < PORT_RETRIES
+                and ("could not serve the oracle on" in failed.output)):
+            print(f"dtf.tune: port {port} was taken; retrying on a fresh port", file=sys.stderr, flush=True)
+            continue
+        print(f"dtf.tune: error: {names[failed.index]} failed ({failed.status}); stopped all "
+              f"{len(names)} processes. Rerun the same command to resume the sweep.", file=sys.stderr, flush=True)
+        return failed.returncode if failed.returncode and failed.returncode > 0 else 1
+    return 1  # not reached
+
+
+def _serve_oracle(tuner, expected: Optional[set]):
+    """keras-tuner's chief: serve `tuner.oracle` over gRPC until the search is over, like
+    `oracle_chief.start_server`, but (1) polling every 0.2 s instead of 20 s and (2) when `expected` tuner ids are
+    known (the --num_tuners launcher), staying up until every one of them has been told to stop — keras-tuner's own
+    rule (no running trial and no tuner that asked is still going) lets the chief exit before a slow-starting worker
+    ever connects, which then waits on it forever."""
+    from concurrent import futures
+
+    import grpc
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+    from keras_tuner.src.engine import trial as trial_module
+
+    from dtf.errors import UserError
+
+    oracle = tuner.oracle
+    stopped = set()
+
+    class Servicer(oracle_chief.OracleServicer):
+        def CreateTrial(self, request, context):
+            trial = self.oracle.create_trial(request.tuner_id)
+            if trial.status == trial_module.TrialStatus.STOPPED:
+                self.stop_triggered = True
+                stopped.add(request.tuner_id)
+            elif trial.status == trial_module.TrialStatus.RUNNING:
+                print(f"dtf.tune: trial {trial.trial_id} -> {request.tuner_id}", flush=True)
+            return protos.get_service().CreateTrialResponse(trial=trial.to_proto())
+
+        def EndTrial(self, request, context):
+            response = super().EndTrial(request, context)
+            # keras-tuner saves oracle.json before it drops the trial from the ongoing ones: save again, or a chief
+            # killed now would rerun this finished trial after a reload
+            self.oracle.save()
+            trial = trial_module.Trial.from_proto(request.trial)
+            status = str(self.oracle.trials[trial.trial_id].status).split(".")[-1].lower()
+            print(f"dtf.tune: trial {trial.trial_id} ended: {status}", flush=True)
+            return response
+
+    tuner.save()
+    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    servicer = Servicer(oracle)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise UserError(f"could not serve the oracle on {address} (port taken?)")
+    server.start()
+    print(f"dtf.tune: oracle serving on {address}" +
+          (f", waiting for {len(expected)} tuner(s)" if expected else ""), flush=True)
+    try:
+        while True:
+            time.sleep(0.2)
+            if (servicer.stop_triggered and oracle_chief.exit_chief(oracle)
+                    and (expected is None or expected <= stopped)):
+                break
+    finally:
+        server.stop(grace=5).wait()
+
+
+def _repair_reloaded_oracle(oracle):
+    """After a kill, make keras-tuner's reloaded oracle finish the sweep without losing or repeating a trial.
+
+    - A trial saved as RUNNING but missing from oracle.json's ongoing trials (killed between the two writes) is never
+      run again by keras-tuner: queue it for a rerun like the ongoing ones.
+    - keras-tuner queues every trial that oracle.json lists as ongoing for a rerun, but it saves oracle.json before
+      removing a finished trial from the ongoing ones: drop trials whose own trial.json says they finished.
+    - GridSearchOracle does not save its ordered list of tried combinations: after a reload it either stops early or
+      fails with a KeyError. Rebuild it from the trials.
+    """
+    import functools
+
+    from keras_tuner.src.engine import trial as trial_module
+
+    finished = (trial_module.TrialStatus.COMPLETED, trial_module.TrialStatus.FAILED)
+    oracle._retry_queue[:] = [t for t in oracle._retry_queue if oracle.trials[t].status not in finished]
+    ongoing = {t.trial_id for t in oracle.ongoing_trials.values()}
+    for trial_id, trial in sorted(oracle.trials.items()):
+        if (trial.status == trial_module.TrialStatus.RUNNING and trial_id not in oracle._retry_queue
+                and trial_id not in ongoing):
+            oracle._retry_queue.append(trial_id)
+    if hasattr(oracle, "_ordered_ids") and hasattr(oracle, "_populate_next") and oracle.trials:
+        from keras_tuner.src.tuners.gridsearch import LinkedList
+
+        ids = sorted(oracle.trials, key=functools.cmp_to_key(
+            lambda a, b: oracle._compare(oracle.trials[a].hyperparameters.values,
+                                         oracle.trials[b].hyperparameters.values)))
+        oracle._ordered_ids = LinkedList()
+        for trial_id in ids:
+            oracle._ordered_ids.insert(trial_id)
+        oracle._populate_next = list(ids)
+
+
+def _check_signature(tune_dir: str, signature: dict, write: bool):
+    from dtf.errors import UserError
+
+    sig_path = os.path.join(tune_dir, SPACE_FILE)
+    if os.path.exists(sig_path):
+        with open(sig_path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(signature)):
+            raise UserError(f"--tune_dir={tune_dir} holds a sweep with a different space/tuner/objective "
+                            f"({old}); use a new --tune_dir to start another sweep")
+    elif write:
+        tmp = f"{sig_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(signature, f, indent=2)
+        os.replace(tmp, sig_path)  # atomic: another process never reads half a file
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+_ARGV: List[str] = []
+
+
+def _body(rest):
+    from dtf.errors import UserError
+
+    if len(rest) > 1:
+        raise UserError(f"unexpected argument(s) {' '.join(rest[1:])}; flags look like --name=value")
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    space = parse_space(FLAGS)
+    tuner_name, objective = FLAGS.tuner, FLAGS.objective
+    if tuner_name not in TUNERS:  # before importing TensorFlow: fail fast
+        raise UserError(f"--tuner={tuner_name!r} is not valid; choose one of: {', '.join(TUNERS)}")
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective={objective!r} is not valid; choose one of: {', '.join(OBJECTIVES)}")
+    role = _role()
+    if FLAGS.num_tuners < 0:
+        raise UserError(f"--num_tuners={FLAGS.num_tuners} must be >= 0")
+    if FLAGS.num_tuners and role is None:
+        from dtf import procs
+
+        procs.raise_stopped_on_signals()
+        try:
+            return launch(_ARGV, FLAGS.num_tuners)
+        except procs.Stopped as stop:
+            print(f"dtf.tune: got {signal.Signals(stop.signum).name}; stopped all processes", file=sys.stderr)
+            return 128 + stop.signum
+
+    import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
+    from dtf import flags as dtf_flags
+    from dtf import train
+
+    config = dtf_flags.config_from_flags()
+    tune_dir = FLAGS.tune_dir
+    cluster = train.resolve_cluster(config)
+    strategy = train.create_strategy(config)
+    validate_space(space, config, strategy.num_replicas_in_sync, tuner_name, objective, FLAGS.max_trials,
+                   FLAGS.executions_per_trial)
+    train.check_model_dir(tune_dir)
+    _check_signature(tune_dir, _space_signature(space, FLAGS), write=role in (None, "chief"))
+
+    hypermodel = _make_hypermodel_class()(space, strategy, cluster, tune_dir)
+    tuner = make_tuner(tuner_name, hypermodel, objective, FLAGS.max_trials, FLAGS.executions_per_trial, tune_dir,
+                       strategy, config.seed, config.epochs)
+    # keras-tuner prints a progress display per trial; keep stdout for dtf's own table.
+    tuner.oracle.verbose = 0
+    import contextlib
+    import io
+
+    start = time.time()
+    if role not in (None, "chief"):  # a tuner worker: train the trials the chief hands out, write no results
+        with contextlib.redirect_stdout(io.StringIO()):
+            tuner.search(verbose=0)
+        print(f"dtf.tune: {role} ran {len(hypermodel.trials_run)} trial(s) in {time.time() - start:.1f}s: "
+              f"{', '.join(map(str, hypermodel.trials_run)) or 'none'}")
+        return 0
+
+    _repair_reloaded_oracle(tuner.oracle)
+    before = len(tuner.oracle.trials)
+    if role == "chief":
+        n = os.environ.get(NUM_TUNERS_ENV)
+        expected = {f"tuner{i}" for i in range(int(n))} if n and n.isdigit() else None
+        _serve_oracle(tuner, expected)
+    else:
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):
+            tuner.search(verbose=0)
+    ran = len(tuner.oracle.trials) - before
+    rows = collect_results(tuner, tune_dir, config)
+    write_results(rows, tune_dir)
+    print(format_table(rows))
+    print(f"dtf.tune: {ran} new trial(s) in {time.time() - start:.1f}s, {len(rows)} in total; "
+          f"results in {os.path.join(tune_dir, 'results.csv')}")
+    plot(rows, tune_dir, objective)
+    best = best_row(rows, objective)
+    if best is None:
+        raise UserError(f"no trial of the {len(rows)} completed (see {tune_dir}/results.csv); lower --tune_base_lr "
+                        "or add warmup")
+    path = write_best_flags(best, tune_dir, config)
+    print(f"dtf.tune: best trial {best['trial']}: {objective}={float(best['objective']):.4f} "
+          f"(global batch {best['global_batch_size']}, base_lr {float(best['base_lr']):.4g}, peak LR "
+          f"{float(best['peak_lr']):.4g}); train it: python -m dtf.run --flagfile={path}")
+    return 0
+
+
+def main(argv=None):
+    _ARGV[:] = list(sys.argv if argv is None else argv)
+    return cli.main("dtf.tune", _define, _body, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""`python -m dtf.launch`: bad input, dry run, stopping the group when a worker fails or the launcher is signalled,
+port retries, the timeout, and a SIGKILLed worker whose restarted group ends with the uninterrupted run's weights.
+
+Every process a test starts is checked by PID afterwards: the launcher must leave nothing behind."""
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from dtf import cluster as cluster_lib
+from dtf import launch
+from dtf import procs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PID_LINE = re.compile(r"launch: (chief|worker \d+) pid (\d+) \((127\.0\.0\.1:\d+)\)")
+
+
+def _env(**extra):
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), **extra)
+
+
+def _process(pid: int):
+    """A handle that knows its process's start time, so a reused PID (they wrap fast here) is not mistaken for it."""
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _alive(process) -> bool:
+    try:
+        return process is not None and process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _script(tmp_path, name: str, code: str) -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(code))
+    return str(path)
+
+
+class Launcher:
+    """`python -m dtf.launch` in a subprocess; collects its output, the worker pids it announces, and every
+    descendant it has been seen with, so that the test can check all of them are gone."""
+
+    def __init__(self, args, cwd):
+        self.proc = subprocess.Popen([sys.executable, "-m", "dtf.launch", *args], cwd=cwd, env=_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines, self.workers = [], []  # workers: (role, pid, address) in start order
+        self.seen = set()  # psutil.Process: equal only for the same pid *and* start time
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            m = PID_LINE.search(line)
+            if m:
+                self.workers.append((m.group(1), int(m.group(2)), m.group(3)))
+                self.seen.add(_process(int(m.group(2))))
+                self.snapshot()
+
+    def snapshot(self):
+        try:
+            self.seen.update(psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+
+    def wait_for(self, pattern: str, timeout_s: float) -> str:
+        """The first output line so far matching `pattern`, waiting up to `timeout_s` for one."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            done = not self._reader.is_alive()
+            match = next((line for line in list(self.lines) if re.search(pattern, line)), None)
+            if match is not None:
+                return match
+            if done or time.monotonic() > deadline:
+                pytest.fail(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-60:]))
+            time.sleep(0.05)
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            status = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail("launcher did not finish in time:\n" + "\n".join(self.lines[-60:]))
+        self._reader.join(timeout=10)  # the rest of its output
+        return status
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def leftovers(self):
+        return sorted(process.pid for process in list(self.seen) if _alive(process))
+
+    def cleanup(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for process in list(self.seen):
+            if _alive(process):
+                process.kill()
+
+
+@pytest.fixture
+def start_launcher(tmp_path):
+    started = []
+
+    def start(*args):
+        started.append(Launcher(list(args), str(tmp_path)))
+        return started[-1]
+
+    yield start
+    for launcher in started:
+        launcher.cleanup()
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, flag", [
+    (["--num_workers=0", "--", "python"], "--num_workers"),
+    (["--num_workers=-2", "--", "python"], "--num_workers"),
+    (["--", "python"], "--num_workers"),
+    (["--num_workers=2"], "'--'"),
+    (["--num_workers=2", "--"], "'--'"),
+    (["--num_workers=2", "python", "train.py"], "'--'"),
+    (["--num_workers=2", "--max_restarts=-1", "--", "python"], "--max_restarts"),
+    (["--num_workers=2", "--timeout=0", "--", "python"], "--timeout"),
+    (["--num_workers=2", "--emit=helm", "--", "python"], "--emit"),
+    (["--num_workers=2", "--emit=tfjob", "--dry_run", "--", "python"], "--dry_run"),
+    (["--num_workers=2", "--image=x", "--", "python"], "--image"),
+    (["--num_workers=2", "--emit=slurm", "--job_name=Bad_Name", "--", "python"], "--job_name"),
+    (["--num_workers=2", "--", "no-such-program-dtf"], "no-such-program-dtf"),
+    (["--num_workers=two", "--", "python"], "--num_workers"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, args, flag):
+    assert launch.main(["dtf.launch", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("dtf.launch: error: "), err
+    assert flag in err
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=0", "--", "python", "x.py"],
+                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "dtf.launch: error: --num_workers must be >= 1, got 0; e.g. --num_workers=2"], proc.stderr
+
+
+def test_dry_run_prints_loopback_tf_configs_and_starts_nothing(capsys, tmp_path):
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    assert launch.main(["dtf.launch", "--num_workers=3", "--dry_run", "--", *command]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    configs = [json.loads(line) for line in lines[:3]]
+    workers = configs[0]["cluster"]["worker"]
+    assert len(set(workers)) == 3 and all(w.startswith("127.0.0.1:") for w in workers)
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+    assert all(c["cluster"] == {"worker": workers} for c in configs)
+    assert len(lines) == 4 and shlex.split(lines[3]) == command
+    time.sleep(0.5)
+    assert not marker.exists()
+
+
+# --- failures, signals, ports, timeout (plain Python workers: fast) --------------------------------------------------
+
+# The chief ignores SIGTERM, as TF's runtime does once the strategy is up, so stopping it needs the SIGKILL.
+STUBBORN_CHIEF_FAILING_WORKER = """
+import json, os, signal, sys, time
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+print("RESTART", os.environ["DTF_LAUNCH_RESTART"], json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"][task])
+if task == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+time.sleep(1)
+for i in range(30):
+    print("worker line", i)
+sys.exit(3)
+"""
+
+
+def test_failed_worker_stops_the_others_and_is_reported(start_launcher, tmp_path):
+    job = _script(tmp_path, "job.py", STUBBORN_CHIEF_FAILING_WORKER)
+    began = time.monotonic()
+    launcher = start_launcher("--num_workers=2", "--max_restarts=1", "--", sys.executable, job)
+    assert launcher.wait(60) == 3  # the failed worker's exit code, after the one restart
+    elapsed = time.monotonic() - began
+    out = launcher.output
+    # Reported twice (one per start): who died, how, and its last lines.
+    assert len(re.findall(r"launch: worker 1 \(pid \d+, 127\.0\.0\.1:\d+\) died: exit code 3; "
+                          r"stopped the others in \d+\.\d+s", out)) == 2
+    assert "  | worker line 29" in out and "  | worker line 9" not in out  # the last 20 lines
+    stop_s = [float(s) for s in re.findall(r"stopped the others in (\d+\.\d+)s", out)]
+    assert all(s < 5 for s in stop_s), stop_s
+    assert "restarting all 2 worker(s) on new ports (restart 1 of 1)" in out
+    assert "giving up after 1 restart(s)" in out
+    assert elapsed < 40
+    # The restart got new ports and DTF_LAUNCH_RESTART=1; output is prefixed by role.
+    first, second = launcher.workers[:2], launcher.workers[2:]
+    assert [w[0] for w in first] == [w[0] for w in second] == ["chief", "worker 1"]
+    assert not {w[2] for w in first} & {w[2] for w in second}
+    assert re.search(r"^\[chief\] RESTART 0 ", out, re.M) and re.search(r"^\[worker 1\] RESTART 1 ", out, re.M)
+    assert launcher.leftovers() == []
+
+
+SLEEPERS = """
+import json, os, signal, time
+if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("UP", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_the_launcher_stops_everyone(start_launcher, tmp_path, sig, status):
+    job = _script(tmp_path, "sleep.py", SLEEPERS)
+    launcher = start_launcher("--num_workers=2", "--", sys.executable, job)
+    launcher.wait_for(r"^\[worker 1\] UP", 60)
+    launcher.wait_for(r"^\[chief\] UP", 10)
+    launcher.snapshot()
+    sent = time.monotonic()
+    launcher.proc.send_signal(sig)
+    assert launcher.wait(20) == status
+    assert time.monotonic() - sent < 8
+    assert f"got {sig.name}; stopped all workers" in launcher.output
+    assert len(launcher.workers) == 2, launcher.output
+    assert launcher.leftovers() == []
+
+
+# Binds its own port on all interfaces, as TF's gRPC server does, and reports failure the same way.
+BINDER = """
+import json, os, socket, sys, time
+config = json.loads(os.environ["TF_CONFIG"])
+port = int(config["cluster"]["worker"][config["task"]["index"]].rsplit(":", 1)[1])
+s = socket.socket()
+try:
+    s.bind(("0.0.0.0", port))
+except OSError as e:
+    sys.exit(f"Could not start gRPC server: {e}")
+time.sleep(0.5)
+print("BOUND", port)
+"""
+
+
+def test_taken_port_is_retried_on_fresh_ports(tmp_path, capfd, monkeypatch):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    real_free_ports, calls = cluster_lib.free_ports, []
+
+    def free_ports(count, host):
+        calls.append(host)
+        ports = real_free_ports(count, host)
+        return [ports[0], taken] if len(calls) == 1 else ports
+
+    monkeypatch.setattr(cluster_lib, "free_ports", free_ports)
+    try:
+        status = launch.launch([sys.executable, _script(tmp_path, "bind.py", BINDER)], 2, max_restarts=0,
+                               timeout_s=60)
+    finally:
+        holder.close()
+    out, err = capfd.readouterr()
+    assert status == 0, out + err
+    assert calls == ["127.0.0.1", "127.0.0.1"]
+    assert "worker 1 (pid" in err and "Could not start gRPC server" in err
+    assert "a port was taken; retrying on fresh ports (1 of 3)" in err
+    assert out.count("BOUND") == 2 and f"BOUND {taken}" not in out
+
+
+def test_timeout_bounds_the_whole_group(tmp_path, capfd, monkeypatch):
+    pids = []
+    real_run_group = launch.procs.run_group
+
+    def run_group(*args, **kwargs):
+        on_start = kwargs["on_start"]
+        kwargs["on_start"] = lambda procs: (pids.extend(_process(p.pid) for p in procs), on_start(procs))
+        return real_run_group(*args, **kwargs)
+
+    monkeypatch.setattr(launch.procs, "run_group", run_group)
+    began = time.monotonic()
+    status = launch.launch([sys.executable, _script(tmp_path, "sleep.py", SLEEPERS)], 2, max_restarts=3, timeout_s=2)
+    assert status == launch.TIMEOUT_STATUS
+    assert time.monotonic() - began < 2 + 3 + 3  # the timeout, the SIGTERM grace, slack
+    assert "--timeout=2s ran out; stopped all workers" in capfd.readouterr().err
+    assert len(pids) == 2 and not [p for p in pids if _alive(p)]
+
+
+def test_group_blames_the_worker_that_failed_first():
+    """Worker 1 fails first; the chief (deaf to SIGTERM, like TF) fails 0.1s later while being stopped. The cause
+    is worker 1 even though both exits land in the same moment of the launcher's loop."""
+    at = time.time() + 2  # both processes are up by then
+    code = ("import json, os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "i = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
+            f"time.sleep(max(0, {at} + (0 if i == 1 else 0.1) - time.time()))\n"
+            "sys.exit(5 if i == 1 else 4)\n")
+    result = procs.run_local_workers([sys.executable, "-c", code], 2, timeout_s=30)
+    assert result.first_failure == 1 and result.workers[1].status == "exit code 5"
+    assert result.workers[0].status == "stopped by the group" and result.stop_s < procs.GRACE_S
+
+
+# --- a real 2-worker TF job: SIGKILL one worker mid-epoch, restart, same weights -----------------------------------
+
+JOB = """
+import json, os, sys, time
+import numpy as np, keras
+import dtf, equiv_common as eq
+from dtf import callbacks as cb
+OUT = sys.argv[1]
+TASK = dtf.parse_tf_config().task_index
+RESTART = int(os.environ["DTF_LAUNCH_RESTART"])
+
+class MidEpoch(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.epoch == 2 and batch == 3 and TASK == 1 and RESTART == 0 and os.environ.get("PAUSE_MID_EPOCH"):
+            print("MID_EPOCH 2", flush=True)
+            time.sleep(120)  # the test SIGKILLs this worker here
+
+strategy = dtf.create_strategy()
+weights, history = eq.train(strategy, "sgd", epochs=4,
+                            callbacks=[cb.BackupAndRestore(os.path.join(OUT, "backup")), MidEpoch()])
+if TASK == 0:
+    np.savez(os.path.join(OUT, "weights.npz"), *weights)
+    json.dump({"epochs_run": len(history["loss"]), "restart": RESTART}, open(os.path.join(OUT, "run.json"), "w"))
+"""
+
+
+def _weights(path):
+    with np.load(path) as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_restarts_and_matches_uninterrupted_run(start_launcher, tmp_path, monkeypatch):
+    job = _script(tmp_path, "job.py", JOB)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "killed").mkdir()
+    reference = start_launcher("--num_workers=2", "--timeout=150", "--", sys.executable, job, str(tmp_path / "ref"))
+    assert reference.wait(160) == 0, reference.output
+    assert json.loads((tmp_path / "ref" / "run.json").read_text()) == {"epochs_run": 4, "restart": 0}
+
+    monkeypatch.setenv("PAUSE_MID_EPOCH", "1")
+    killed = start_launcher("--num_workers=2", "--max_restarts=1", "--timeout=150", "--",
+                            sys.executable, job, str(tmp_path / "killed"))
+    killed.wait_for(r"^\[worker 1\] MID_EPOCH 2$", 120)
+    killed.snapshot()
+    victim = killed.workers[1]
+    assert victim[0] == "worker 1"
+    os.kill(victim[1], signal.SIGKILL)
+    assert killed.wait(150) == 0, killed.output
+    out = killed.output
+    assert f"worker 1 (pid {victim[1]}, {victim[2]}) died: killed by SIGKILL" in out
+    assert "restarting all 2 worker(s) on new ports (restart 1 of 1)" in out
+    # The restarted group resumed from the epoch-end backup: only epochs 2 and 3 ran again.
+    assert json.loads((tmp_path / "killed" / "run.json").read_text()) == {"epochs_run": 2, "restart": 1}
+    diff = max(float(np.max(np.abs(a - b))) for a, b in
+               zip(_weights(tmp_path / "killed" / "weights.npz"), _weights(tmp_path / "ref" / "weights.npz")))
+    print(f"max |weights(killed+restarted) - weights(uninterrupted)| = {diff:.2e}")
+    assert diff < 1e-5
+    assert len(killed.workers) == 4 and killed.leftovers() == [] and reference.leftovers() == []
+
+
+def _run_command(model_dir):
+    return [sys.executable, "-m", "dtf.run", "--dataset=synthetic", "--model=mlp", "--epochs=2",
+            "--steps_per_epoch=40", "--global_batch_size=32", "--validation_freq=10", "--backup_every_steps=5",
+            f"--model_dir={model_dir}"]
+
+
+def _model_weights(model_dir):
+    import keras
+
+    return keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False).get_weights()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "dtf", "run.py")), reason="needs the runner (dtf.run)")
+def test_dtf_run_resumes_mid_epoch_after_a_sigkill(start_launcher, tmp_path):
+    """The runner under the launcher: worker 1 is SIGKILLed after the chief's first mid-epoch backup (step 5 of 40
+    in epoch 2); the restarted group resumes from that step and ends with the uninterrupted run's weights."""
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    reference = start_launcher("--num_workers=2", "--timeout=150", "--", *_run_command(ref_dir))
+    assert reference.wait(160) == 0, reference.output
+
+    killed = start_launcher("--num_workers=2", "--max_restarts=1", "--timeout=150", "--", *_run_command(killed_dir))
+    metadata, deadline = killed_dir / "backup" / "training_metadata.json", time.monotonic() + 120
+    while True:
+        try:
+            backup = json.loads(metadata.read_text())
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            backup = {}
+        if backup.get("epoch") == 1 and backup.get("steps_done", 0) > 0:
+            break
+        assert time.monotonic() < deadline and killed.proc.poll() is None, killed.output
+        time.sleep(0.01)
+    killed.snapshot()
+    os.kill(killed.workers[1][1], signal.SIGKILL)
+    assert killed.wait(150) == 0, killed.output
+    out = killed.output
+    assert "worker 1 (pid" in out and "died: killed by SIGKILL" in out
+    resumed = re.search(r"resuming from the backup in .*: epoch 2, step (\d+)", out)
+    assert resumed and 0 < int(resumed.group(1)) < 40, out
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(_model_weights(killed_dir), _model_weights(ref_dir)))
+    print(f"dtf.run: resumed at epoch 2 step {resumed.group(1)}; max |Δw| vs uninterrupted = {diff:.2e}")
+    assert diff < 1e-5
+    assert killed.leftovers() == [] and reference.leftovers() == []
