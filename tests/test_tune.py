@@ -1,6 +1,7 @@
 """dtf.tune end to end as a user runs it: a tiny sweep in a subprocess, its outputs, best.flags through dtf.run,
 resume, and one-line errors for a bad search space."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -63,7 +64,10 @@ def test_best_flags_trains_with_dtf_run(sweep):
     proc = _run("dtf.run", [f"--flagfile={best}", "--epochs=1", f"--model_dir={tmp / 'best_run'}", "--noexport"],
                 tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp / "best_run" / "summary.json").exists()
+    summary = json.loads((tmp / "best_run" / "summary.json").read_text())
+    best_row = max((r for r in _rows(tmp / "tune") if r["status"] == "completed"), key=lambda r: float(r["objective"]))
+    # A trial is a run: the same config trained by dtf.run reaches the objective the sweep reported.
+    assert summary["final_metrics"]["val_accuracy"] == pytest.approx(float(best_row["objective"]), abs=1e-3)
 
 
 def test_rerun_resumes_without_new_trials(sweep):
