@@ -1,6 +1,12 @@
 """dtf: data-parallel Keras training on TensorFlow — strategies, sharded input, LR scaling, tuning."""
+import os as _os
+import sys as _sys
+
+from dtf import cli as _cli
 from dtf import logs as _logs
 
+if _cli.wants_debug(_sys.argv):  # `--verbosity=1` on a dtf command line: TF's own logs stay on
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
 _logs.quiet_tensorflow()
 with _logs.silenced_stderr():
     import tensorflow as _tf  # noqa: E402

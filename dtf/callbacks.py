@@ -51,6 +51,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._prev_training_metadata_path = f"{self._training_metadata_path}.bkp"
 
     def on_train_begin(self, logs=None):
+        if not self.restore_on_begin:
+            return
         self._point_at(self._real_dir)
         try:
             super().on_train_begin(logs)
@@ -61,6 +63,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     # weights that already saw part of it. dtf also records `steps_done` in the epoch, and backs up at every epoch
     # end even when `save_freq` is a step count; `step_offset` is set by a run that starts mid-epoch.
     step_offset = 0
+    # A resume that first finishes an interrupted epoch calls `fit` twice; only the first may restore (by the second,
+    # the chief may be writing the backup that a non-chief would read).
+    restore_on_begin = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
@@ -85,12 +90,19 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """`keras.callbacks.ModelCheckpoint` whose file lands in the real directory only on the chief."""
+    """`keras.callbacks.ModelCheckpoint` whose file lands in the real directory only on the chief, saved at the end
+    of every `every_n_epochs`-th epoch (counted from epoch 0, so resumed runs keep the same schedule)."""
 
-    def __init__(self, filepath: str, cluster: Optional[cluster_lib.ClusterInfo] = None, **kwargs):
+    def __init__(self, filepath: str, cluster: Optional[cluster_lib.ClusterInfo] = None, every_n_epochs: int = 1,
+                 **kwargs):
         real_dir = os.path.dirname(filepath) or "."
         self._own_dir, self._real_dir = write_dir(real_dir, cluster), real_dir
-        super().__init__(os.path.join(self._own_dir, os.path.basename(filepath)), **kwargs)
+        self.every_n_epochs = every_n_epochs
+        super().__init__(os.path.join(self._own_dir, os.path.basename(filepath)), save_freq="epoch", **kwargs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_n_epochs == 0:
+            super().on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)

@@ -7,7 +7,7 @@ from typing import Callable, List
 EXIT_USAGE = 2
 
 
-def _wants_debug(argv: List[str]) -> bool:
+def wants_debug(argv: List[str]) -> bool:
     """absl's --verbosity (-v) >= 1 shows TensorFlow's own logs; read before TensorFlow is imported."""
     for i, arg in enumerate(argv):
         for prefix in ("--verbosity=", "-v="):
@@ -42,7 +42,7 @@ def main(prog: str, define: Callable[[], None], body: Callable[[List[str]], int]
 
     A `UserError` or a flag error anywhere becomes one line on stderr and exit status 2."""
     argv = list(sys.argv if argv is None else argv)
-    if _wants_debug(argv):
+    if wants_debug(argv):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
     from absl import flags
 
@@ -60,6 +60,8 @@ def main(prog: str, define: Callable[[], None], body: Callable[[List[str]], int]
     if flags.FLAGS["verbosity"].value >= 1:
         logs.set_verbosity("debug")
     try:
+        if len(rest) > 1:
+            raise UserError(f"unexpected argument(s) {' '.join(rest[1:])}; flags look like --name=value")
         return body(rest)
     except UserError as e:
         fail(prog, str(e).replace("\n", " "))

@@ -64,12 +64,6 @@ class ClusterInfo:
             config["rpc_layer"] = self.rpc_layer
         return json.dumps(config)
 
-    def describe(self) -> str:
-        if not self.is_multi_worker:
-            return "single worker"
-        role = "chief" if self.is_chief else "non-chief"
-        return f"{self.worker_id} of {self.num_workers} workers ({role}) at {self.address}"
-
 
 LOCAL = ClusterInfo(cluster={}, task_type=None, task_index=0)
 
@@ -197,7 +191,8 @@ def local_cluster(num_workers: int, host: str = "127.0.0.1") -> List[str]:
     return [build_tf_config(hosts, i) for i in range(num_workers)]
 
 
-SLURM_PORT = 8888  # each Slurm task listens on SLURM_PORT + its index on the node
+# SlurmClusterResolver's default port, so a dtf.run task and a plain-TF_CONFIG task agree; task i on a node uses +i.
+SLURM_PORT = 8888
 
 
 def slurm_tf_config(environ: Mapping[str, str] = os.environ, port: int = SLURM_PORT) -> str:

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 from dtf.data import SHARDINGS
 from dtf.errors import UserError
 from dtf.scaling import LR_SCALING_RULES, OPTIMIZERS, SCHEDULES
-from dtf.strategy import COMMUNICATIONS, CROSS_DEVICE_OPS, STRATEGIES
+from dtf.strategy import COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, STRATEGIES
 
 
 def _f(default, group, help, choices=None, lower=None, positive=False):
@@ -32,7 +32,7 @@ class Config:
     communication: Optional[str] = _f(None, "strategy", "multi_worker collective implementation.", COMMUNICATIONS)
     cross_device_ops: Optional[str] = _f(None, "strategy", "mirrored all-reduce implementation.", CROSS_DEVICE_OPS)
     num_packs: int = _f(1, "strategy", "Gradient packs for nccl/hierarchical_copy all-reduce.", lower=1)
-    cluster_timeout: float = _f(180.0, "strategy", "Seconds a worker waits for the others before failing.",
+    cluster_timeout: float = _f(float(DEFAULT_CLUSTER_TIMEOUT_S), "strategy", "Seconds a worker waits for the others before failing.",
                                 positive=True)
     # --- cluster
     worker_hosts: Optional[str] = _f(None, "cluster", "Comma-separated host:port of every worker (instead of "
@@ -67,8 +67,8 @@ class Config:
     warmup_epochs: float = _f(0.0, "optimization", "Linear warmup length in epochs.", lower=0)
     warmup_steps: Optional[int] = _f(None, "optimization", "Linear warmup length in steps (instead of epochs).",
                                      lower=0)
-    warmup_start_lr: Optional[float] = _f(None, "optimization", "LR at step 0 of warmup (default: --base_lr, "
-                                          "as in Goyal et al.).", lower=0)
+    warmup_start_lr: Optional[float] = _f(None, "optimization", "LR at step 0 of warmup (default: the smaller "
+                                          "of --base_lr and the peak LR, as in Goyal et al.).", lower=0)
     lr_schedule: str = _f("cosine", "optimization", "Decay after warmup.", SCHEDULES)
     lr_decay_boundaries: Tuple[float, ...] = _f((), "optimization", "Epochs where --lr_schedule=step decays.")
     lr_decay_rate: float = _f(0.1, "optimization", "Factor applied at each step boundary.", positive=True)
@@ -116,9 +116,6 @@ class Config:
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
-    def to_flags(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
     def to_flagfile(self) -> str:
         """The fully resolved flagfile, grouped by concern; `dtf.run --flagfile=` on it re-runs this experiment."""
         lines, group = [], None
@@ -152,10 +149,3 @@ def check_value(field: dataclasses.Field, value):
         raise UserError(f"{flag}={value} must be >= {meta['lower']}")
     if meta["positive"] and not value > 0:
         raise UserError(f"{flag}={value} must be > 0")
-
-
-def fields_by_group():
-    groups = {}
-    for field in dataclasses.fields(Config):
-        groups.setdefault(field.metadata["group"], []).append(field)
-    return groups

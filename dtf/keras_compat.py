@@ -56,7 +56,3 @@ def apply():
     `MultiWorkerMirroredStrategy` call it once before `model.fit`."""
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     tf_trainer.reduce_per_replica = reduce_per_replica
-
-
-def is_applied() -> bool:
-    return tf_trainer.reduce_per_replica is reduce_per_replica

@@ -20,7 +20,6 @@ from dtf.errors import UserError
 KINDS = ("tfjob", "slurm")
 DEFAULT_IMAGE = "dtf:latest"
 DEFAULT_JOB_NAME = "dtf-job"
-# Matches SlurmClusterResolver's default, so a dtf.run task and a plain-TF_CONFIG task agree on the port.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 

@@ -1,7 +1,7 @@
 """Model registry: `build_model(name, input_shape, num_classes)` for mlp, cnn, resnet20, or any keras.applications
 name (weights=None: nothing is downloaded). Models output logits; the last layer stays float32 under mixed precision.
 """
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict
 
 import keras
 from keras import layers
@@ -56,10 +56,6 @@ _BUILDERS: Dict[str, Callable] = {"mlp": mlp, "cnn": cnn, "resnet20": resnet20}
 def _applications() -> Dict[str, Callable]:
     return {name.lower(): fn for name, fn in vars(keras.applications).items()
             if callable(fn) and name[0].isupper()}
-
-
-def names() -> Sequence[str]:
-    return [*_BUILDERS, "<keras.applications name, e.g. mobilenetv2>"]
 
 
 def build_model(name: str, input_shape, num_classes: int) -> keras.Model:

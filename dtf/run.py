@@ -3,13 +3,10 @@
 The same command runs on one device, on simulated or real mirrored devices, or as one worker of a multi-worker job
 (TF_CONFIG, or --worker_hosts/--task_index, or --cluster_resolver=slurm).
 """
-import os
 import sys
 
 from dtf import cli
 
-DEFAULT_FLAGFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
-                                "shapes_mirrored.flags")
 
 
 def _define():
@@ -19,8 +16,6 @@ def _define():
 
 
 def _body(rest):
-    if len(rest) > 1:
-        raise_usage(f"unexpected argument(s) {' '.join(rest[1:])}; flags look like --name=value")
     import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
     from dtf import cluster as cluster_lib
     from dtf import flags as dtf_flags
@@ -35,12 +30,6 @@ def _body(rest):
         print(f"dtf: done in {summary['wall_time_s']:.1f}s: {shown} examples/sec={summary['examples_per_sec']:.0f}")
         print(f"dtf: outputs in {config.model_dir}; view with: tensorboard --logdir {config.model_dir}/tensorboard")
     return 0
-
-
-def raise_usage(message):
-    from dtf.errors import UserError
-
-    raise UserError(message)
 
 
 def main(argv=None):

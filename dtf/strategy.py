@@ -108,6 +108,8 @@ def create_strategy(
     info = cluster_lib.parse_tf_config()
     if num_packs < 1:
         raise UserError(f"--num_packs must be >= 1, got {num_packs}")
+    if num_packs != 1 and (cross_device_ops_name or "").lower() not in ("nccl", "hierarchical_copy"):
+        raise UserError(f"--num_packs={num_packs} applies only with --cross_device_ops=nccl or hierarchical_copy")
     if name == "auto":
         if info.is_multi_worker:
             name = "multi_worker"
@@ -197,8 +199,3 @@ def describe(strategy: tf.distribute.Strategy, info: Optional[cluster_lib.Cluste
     short = ",".join(d.split("/")[-1].replace("device:", "") for d in devices)
     return (f"strategy={kind} replicas={strategy.num_replicas_in_sync} devices={short} "
             f"worker={info.worker_id}/{info.num_workers} chief={info.is_chief}")
-
-
-def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
-        strategy.extended._in_multi_worker_mode()  # pylint: disable=protected-access

@@ -57,14 +57,14 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
         num_packs=config.num_packs, cluster_timeout_s=config.cluster_timeout)
 
 
-def check_model_dir(path: str):
+def check_model_dir(path: str, flag: str = "--model_dir"):
     """Fail before training if the chief cannot write `path` (nothing is left behind by the check)."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise UserError(f"--model_dir={path} is not writable ({e.strerror}); choose a directory you can write")
+        raise UserError(f"{flag}={path} is not writable ({e.strerror}); choose a directory you can write")
 
 
 def read_backup(model_dir: str):
@@ -104,6 +104,12 @@ class Experiment:
             except UserError:
                 continue
         raise UserError(f"--dataset={self.config.dataset} has no {' or '.join(EVAL_SPLITS)} split to validate on")
+
+    def resolved_config(self) -> Config:
+        """The config to re-run this experiment anywhere: the global batch made explicit (it is the truth), and no
+        per-process cluster position."""
+        return self.config.replace(global_batch_size=self.plan.global_batch_size, per_replica_batch_size=None,
+                                   worker_hosts=None, task_index=None)
 
     def describe(self) -> str:
         return (f"{type(self.strategy).__name__} × {self.plan.num_replicas} replica(s), global batch "
@@ -161,7 +167,7 @@ class Experiment:
         if c.checkpoint_every:
             out.append(callbacks_lib.ModelCheckpoint(
                 os.path.join(c.model_dir, "checkpoints", "epoch_{epoch:03d}.keras"), cluster=self.cluster,
-                save_freq=c.checkpoint_every * self.steps_per_epoch))
+                every_n_epochs=c.checkpoint_every))
         return out
 
     def fit(self, model: keras.Model, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0,
@@ -177,7 +183,8 @@ class Experiment:
             train = self.train_data(first_epoch, first_step)
             for cb in callbacks:
                 if isinstance(cb, callbacks_lib.BackupAndRestore):
-                    cb.step_offset = first_step
+                    cb.step_offset, cb.restore_on_begin = first_step, not history
+            model._initial_epoch = None  # Keras prefers a restored epoch over `initial_epoch`; ours is exact
             h = model.fit(train.dataset, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
                           shuffle=False, validation_data=eval_data.dataset,  # no validation_steps: see EVAL_NOTE
                           validation_freq=self.config.validation_freq, callbacks=list(callbacks), verbose=verbose)
@@ -194,8 +201,6 @@ class Experiment:
                 raise TrainingDiverged(
                     f"training diverged: {key} became {values[-1]} by epoch {len(values)} at peak LR "
                     f"{self.peak_lr:g}; lower --base_lr, add --warmup_epochs, or set --global_clipnorm")
-        if model.stop_training and not all(math.isfinite(v) for v in history.get("loss", [0.0])):
-            raise TrainingDiverged("training diverged (NaN loss); lower --base_lr or add --warmup_epochs")
         return history
 
     def evaluate(self, model: keras.Model) -> dict:
@@ -211,8 +216,7 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
         check_model_dir(config.model_dir)
     strategy = strategy or create_strategy(config)
     exp = Experiment(config, strategy, cluster)
-    resolved = config.replace(global_batch_size=exp.plan.global_batch_size, per_replica_batch_size=None,
-                              worker_hosts=None, task_index=None)
+    resolved = exp.resolved_config()
     log.info(exp.describe())
     log_dir = os.path.join(config.model_dir, "tensorboard")
     model = exp.build_model()

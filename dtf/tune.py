@@ -237,7 +237,7 @@ def _make_hypermodel_class():
                 info["tuner"] = distributed.role()
             self.trials_run.append(trial_id)
             if self.cluster.is_chief:
-                write_run_metadata(log_dir, _resolved(exp))
+                write_run_metadata(log_dir, exp.resolved_config())
             start = time.time()
             try:
                 history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None), verbose=0)
@@ -257,11 +257,6 @@ def _make_hypermodel_class():
             return result
 
     return DtfHyperModel
-
-
-def _resolved(exp):
-    return exp.config.replace(global_batch_size=exp.plan.global_batch_size, per_replica_batch_size=None,
-                              worker_hosts=None, task_index=None)
 
 
 def _write_info(tune_dir, trial_id, info):
@@ -432,8 +427,6 @@ _ARGV: List[str] = []
 def _body(rest):
     from dtf.errors import UserError
 
-    if len(rest) > 1:
-        raise UserError(f"unexpected argument(s) {' '.join(rest[1:])}; flags look like --name=value")
     from absl import flags
 
     FLAGS = flags.FLAGS
@@ -463,10 +456,13 @@ def _body(rest):
     config = dtf_flags.config_from_flags()
     tune_dir = FLAGS.tune_dir
     cluster = train.resolve_cluster(config)
+    if cluster.is_multi_worker:
+        raise UserError("dtf.tune trains each trial on one host (one_device or mirrored); multi-worker trials are not "
+                        "supported: unset TF_CONFIG/--worker_hosts and use --num_tuners=N for parallel trials")
     strategy = train.create_strategy(config)
     validate_space(space, config, strategy.num_replicas_in_sync, tuner_name, objective, FLAGS.max_trials,
                    FLAGS.executions_per_trial)
-    train.check_model_dir(tune_dir)
+    train.check_model_dir(tune_dir, "--tune_dir")
     _check_signature(tune_dir, _space_signature(space, FLAGS), write=role in (None, "chief"))
 
     hypermodel = _make_hypermodel_class()(space, strategy, cluster, tune_dir)

@@ -147,6 +147,15 @@ def test_multi_worker_run_matches_single_device(tmp_path):
                                                       "tensorboard"]
 
 
+def test_checkpoints_every_n_epochs_and_no_stray_files(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = run([f"--flagfile={DEFAULT_FLAGS}", "--model=mlp", "--strategy=one_device", "--num_cpu_devices=1",
+                "--epochs=4", "--steps_per_epoch=5", "--warmup_epochs=0", "--checkpoint_every=2",
+                f"--model_dir={model_dir}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["epoch_002.keras", "epoch_004.keras"]
+
+
 @pytest.mark.parametrize("args, words", [
     (["--no_such_flag=1"], ["Unknown command line flag 'no_such_flag'"]),
     (["--dataset=imagenet9"], ["imagenet9"]),

@@ -50,6 +50,8 @@ def test_mirrored_cross_device_ops_are_wired():
     (dict(name="mirrored", num_gpus=2), ["--num_gpus=2", "0 GPU"]),
     (dict(name="mirrored", num_cpu_devices=64), ["--num_cpu_devices=64 came too late", "4 CPU device"]),
     (dict(name="mirrored", num_packs=0), ["--num_packs"]),
+    (dict(name="mirrored", num_packs=2, cross_device_ops_name="reduce_to_one"),
+     ["--num_packs=2 applies only with --cross_device_ops=nccl or hierarchical_copy"]),
 ])
 def test_factory_rejections(kwargs, words):
     with pytest.raises(ValueError) as e:  # UserError is a ValueError

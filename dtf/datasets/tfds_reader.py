@@ -1,6 +1,5 @@
 """TFDS glue shared by every TFDS-backed dataset: where data lives, building dtf's own builders offline, and reading a
 split as a `DatasetSplit` that shards by TFDS shard files through `tfds.ReadConfig(input_context=...)`."""
-import contextlib
 import fcntl
 import os
 import time
@@ -25,16 +24,15 @@ def resolve_data_dir(data_dir: Optional[str] = None) -> str:
     return os.path.expanduser(data_dir or os.environ.get(DATA_DIR_ENV) or tfds.core.constants.get_default_data_dir())
 
 
-@contextlib.contextmanager
 def _build_lock(data_dir: str, name: str):
-    """Workers on one host share a data_dir: one builds while the others wait, then they all reuse the result."""
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f".{name}.dtf-build.lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An open lock file in `data_dir`: workers on one host share a data_dir, so one builds while the others wait on
+    `flock`, then they all reuse the result. The lock is released when the file is closed."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        return open(os.path.join(data_dir, f".{name}.dtf-build.lock"), "w")
+    except OSError as e:
+        raise UserError(f"--data_dir={data_dir} is not writable ({e.strerror}) and {name} is not built there yet; "
+                        "choose a writable --data_dir (or $DTF_DATA_DIR)") from None
 
 
 class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -52,7 +50,11 @@ def prepare(builder_cls, config: str, data_dir: str, num_shards: int) -> tfds.co
 
     `num_shards` fixes the shard files per split, so file-level sharding works for up to that many input pipelines.
     """
-    with _build_lock(data_dir, builder_cls.name):
+    builder = builder_cls(config=config, data_dir=data_dir)
+    if builder.is_prepared():  # no lock: a prepared data_dir may be read-only
+        return builder
+    with _build_lock(data_dir, builder_cls.name) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         builder = builder_cls(config=config, data_dir=data_dir)
         if not builder.is_prepared():
             start = time.monotonic()
