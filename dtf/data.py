@@ -26,6 +26,7 @@ from dtf.datasets import DatasetSplit
 from dtf.datasets.split import count_examples
 from dtf.errors import UserError
 from dtf.logs import get_logger
+from dtf.scaling import BatchPlan
 
 log = get_logger(__name__)
 
@@ -71,15 +72,9 @@ class _Share:
 
 
 def check_global_batch(global_batch_size: int, num_replicas: int) -> int:
-    """The per-replica batch size, or a UserError when the global batch cannot be split evenly over the replicas."""
-    if global_batch_size < num_replicas:
-        raise UserError(f"{BATCH_FLAG}={global_batch_size} is smaller than the {num_replicas} replicas (each needs at "
-                        f"least one example per step); use at least {num_replicas}")
-    if global_batch_size % num_replicas:
-        lower = global_batch_size // num_replicas * num_replicas
-        raise UserError(f"{BATCH_FLAG}={global_batch_size} does not split evenly over {num_replicas} replicas; use a "
-                        f"multiple of {num_replicas}, e.g. {lower} or {lower + num_replicas}")
-    return global_batch_size // num_replicas
+    """The per-replica batch size, or a UserError when the global batch cannot be split evenly over the replicas
+    (`dtf.scaling.BatchPlan` is the one place that rule lives)."""
+    return BatchPlan(global_batch_size=global_batch_size, num_replicas=num_replicas).per_replica_batch_size
 
 
 def training_steps(sizes: Sequence[int], global_batch_size: int, num_replicas: int) -> int:
