@@ -27,7 +27,8 @@ def write_dir(path: str, info: Optional[cluster_lib.ClusterInfo] = None) -> str:
     return tempfile.mkdtemp(prefix=f"dtf-{info.worker_id}-")
 
 
-def _remove_if_private(path: str, real_path: str):
+def remove_if_private(path: str, real_path: str):
+    """Remove what `write_dir(real_path)` handed a non-chief worker; the chief's real directory stays."""
     if path != real_path:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -86,7 +87,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
-        _remove_if_private(self._own_dir, self._real_dir)
+        remove_if_private(self._own_dir, self._real_dir)
 
 
 class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -106,7 +107,7 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
-        _remove_if_private(self._own_dir, self._real_dir)
+        remove_if_private(self._own_dir, self._real_dir)
 
 
 class TensorBoard(keras.callbacks.TensorBoard):
@@ -128,4 +129,4 @@ class TensorBoard(keras.callbacks.TensorBoard):
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
-        _remove_if_private(self._own_dir, self._real_dir)
+        remove_if_private(self._own_dir, self._real_dir)

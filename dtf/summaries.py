@@ -2,7 +2,6 @@
 epoch, the resolved flags as text, and the config as HParams. Chief only writes into the real log directory."""
 import dataclasses
 import os
-import shutil
 import time
 
 import keras
@@ -58,8 +57,7 @@ class TrainingScalars(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._writer.close()
-        if self._dir != self._real_dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        callbacks_lib.remove_if_private(self._dir, self._real_dir)
 
 
 def hparams(config) -> dict:

@@ -6,7 +6,6 @@ Only the chief writes into `model_dir`; other workers write to private temporary
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -260,5 +259,4 @@ def _export(config: Config, cluster, model: keras.Model, resolved: Config, summa
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=float)
     finally:
-        if out_dir != config.model_dir:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        callbacks_lib.remove_if_private(out_dir, config.model_dir)
