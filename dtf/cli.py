@@ -4,7 +4,7 @@ import os
 import sys
 from typing import Callable, List
 
-EXIT_USAGE = 2
+from dtf.exitcodes import USER_ERROR as EXIT_USAGE  # noqa: E402
 
 
 def wants_debug(argv: List[str]) -> bool:
