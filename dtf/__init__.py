@@ -25,7 +25,8 @@ from dtf import scaling  # noqa: E402,F401  (registers dtf's LR schedules, so `i
 from dtf.cluster import ClusterInfo, build_tf_config, parse_tf_config  # noqa: E402
 from dtf.data import distribute_dataset  # noqa: E402
 from dtf.strategy import create_strategy, simulate_cpu_devices  # noqa: E402
+from dtf.task import Task  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ClusterInfo", "UserError", "build_tf_config", "callbacks", "create_strategy", "distribute_dataset",
-           "parse_tf_config", "simulate_cpu_devices"]
+__all__ = ["ClusterInfo", "Task", "UserError", "build_tf_config", "callbacks", "create_strategy",
+           "distribute_dataset", "parse_tf_config", "simulate_cpu_devices"]

@@ -26,19 +26,21 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE):
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 
-def print_help(doc: str):
-    """The tool's doc, then its flags grouped by concern (dtf's groups only, plus absl's --verbosity)."""
+def print_help(doc: str, task_modules=()):
+    """The tool's doc, then its flags grouped by concern (dtf's groups and the --task module's, plus absl's
+    --verbosity)."""
     from absl import flags
 
     print(doc.strip() + "\n")
     for module in flags.FLAGS.flags_by_module_dict():  # in definition order: strategy, cluster, data, ...
-        if str(module).startswith("dtf"):
+        if str(module).startswith("dtf") or module in task_modules:
             print(flags.FLAGS.module_help(module) + "\n")
     print("logging:\n  --verbosity: 1 (or -v 1) shows TensorFlow's own logs; default quiet.")
 
 
-def main(prog: str, define: Callable[[], None], body: Callable[[List[str]], int], argv=None, doc: str = ""):
-    """Parse flags (absl: --flagfile, nesting, command line overrides the file), then run `body(rest_argv)`.
+def main(prog: str, define: Callable[[List[str]], None], body: Callable[[List[str]], int], argv=None, doc: str = ""):
+    """Define flags (`define(argv)`: a --task module's flags depend on the command line), parse them (absl:
+    --flagfile, nesting, command line overrides the file), then run `body(rest_argv)`.
 
     A `UserError` or a flag error anywhere becomes one line on stderr and exit status 2."""
     argv = list(sys.argv if argv is None else argv)
@@ -49,9 +51,17 @@ def main(prog: str, define: Callable[[], None], body: Callable[[List[str]], int]
     from dtf import logs
     from dtf.errors import UserError
 
-    define()
+    try:
+        define(argv)
+    except UserError as e:
+        fail(prog, str(e).replace("\n", " "))
     if set(HELP_FLAGS) & set(argv[1:]):
-        print_help(doc or prog)
+        from dtf.flags import task_spec
+
+        spec = task_spec(argv)
+        if spec:
+            from dtf.task import module_name
+        print_help(doc or prog, [module_name(spec)] if spec else ())
         return 0
     try:
         rest = flags.FLAGS(argv)

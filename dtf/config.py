@@ -13,9 +13,10 @@ from dtf.scaling import LR_SCALING_RULES, OPTIMIZERS, SCHEDULES
 from dtf.strategy import COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, STRATEGIES
 
 
-def _f(default, group, help, choices=None, lower=None, positive=False):
+def _f(default, group, help, choices=None, lower=None, positive=False, flag=True):
+    """A field with its flag's group, help and constraints; `flag=False`: set by dtf, not a flag of its own."""
     return dataclasses.field(default=default, metadata=dict(group=group, help=help, choices=choices, lower=lower,
-                                                            positive=positive))
+                                                            positive=positive, flag=flag))
 
 
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
@@ -40,9 +41,16 @@ class Config:
     task_index: Optional[int] = _f(None, "cluster", "This process's index in --worker_hosts.", lower=0)
     cluster_resolver: str = _f("tf_config", "cluster", "Where the cluster comes from: TF_CONFIG (or "
                                "--worker_hosts), or Slurm's environment.", CLUSTER_RESOLVERS)
+    # --- task
+    task: Optional[str] = _f(None, "task", "Your own task: package.module:Attr or path/to/file.py:Attr, a dtf.Task "
+                             "subclass (its module's flags become flags too). Default: the built-in image "
+                             "classification task, configured by --dataset and --model.")
+    task_flags: Tuple[str, ...] = _f((), "task", "The task module's own flags, resolved (--name=value).", flag=False)
+    dataset: Optional[str] = _f(None, "task", "Built-in task's dataset (default shapes): shapes[/28x28x1|/32x32x3], "
+                                "digits, synthetic[/HxWxC], folder:/path, or a TFDS name prepared in --data_dir.")
+    model: Optional[str] = _f(None, "task", "Built-in task's model (default cnn): mlp, cnn, resnet20, or a "
+                              "keras.applications name (weights=None).")
     # --- data
-    dataset: str = _f("shapes", "data", "Dataset: shapes[/28x28x1|/32x32x3], digits, synthetic[/HxWxC], "
-                      "folder:/path, or a TFDS name prepared in --data_dir.")
     data_dir: Optional[str] = _f(None, "data", "TFDS data_dir (default $DTF_DATA_DIR or ~/tensorflow_datasets).")
     global_batch_size: Optional[int] = _f(None, "data", "Global batch (all replicas); the truth everything else "
                                           "derives from. Default 64 when neither batch flag is given.", positive=True)
@@ -55,8 +63,6 @@ class Config:
     shuffle_buffer: int = _f(10_000, "data", "Shuffle buffer (examples).", positive=True)
     cache: bool = _f(False, "data", "Cache decoded examples in memory after the first epoch.")
     deterministic: bool = _f(True, "data", "Fixed element order in tf.data (needed for reproducible runs).")
-    # --- model
-    model: str = _f("cnn", "model", "Model: mlp, cnn, resnet20, or a keras.applications name (weights=None).")
     # --- optimization
     optimizer: str = _f("sgd", "optimization", "Optimizer.", OPTIMIZERS)
     base_lr: float = _f(0.1, "optimization", "Learning rate at --reference_batch_size; scaled by --lr_scaling.",
@@ -107,6 +113,10 @@ class Config:
         if self.global_batch_size and self.per_replica_batch_size:
             raise UserError(f"give --global_batch_size ({self.global_batch_size}) or --per_replica_batch_size "
                             f"({self.per_replica_batch_size}), not both")
+        if self.task and (self.dataset or self.model):
+            given = " ".join(f"--{k}={getattr(self, k)}" for k in ("dataset", "model") if getattr(self, k))
+            raise UserError(f"--task={self.task} replaces the built-in task that {given} configures; remove {given} "
+                            "(the task's own flags configure it)")
         if self.warmup_steps is not None and self.warmup_epochs:
             raise UserError("give --warmup_epochs or --warmup_steps, not both")
         if self.profile_steps and (len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]):
@@ -126,7 +136,9 @@ class Config:
             value = getattr(self, field.name)
             if value is None:
                 continue
-            if isinstance(value, bool):
+            if not field.metadata["flag"]:
+                lines.extend(value)
+            elif isinstance(value, bool):
                 lines.append(f"--{field.name}" if value else f"--no{field.name}")
             elif isinstance(value, tuple):
                 if value:

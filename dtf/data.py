@@ -173,6 +173,7 @@ def distribute_dataset(
     cache: bool = False,
     deterministic: Optional[bool] = None,
     preprocess: Optional[Callable] = None,
+    preprocess_batch: Optional[Callable] = None,
     data_dir: Optional[str] = None,
     split: Optional[str] = None,
     initial_epoch: int = 0,
@@ -187,7 +188,8 @@ def distribute_dataset(
       `tf.distribute.InputContext` returning that pipeline's unbatched share.
     seed: the shuffle seed shared by all workers (None: DEFAULT_SEED, so restarts reproduce the order).
     cache: keep the decoded share in memory after the first epoch. preprocess: applied per example after the cache and
-      the shuffle (augmentation belongs here). deterministic: False lets tf.data reorder for speed, which gives up the
+      the shuffle (augmentation belongs here). preprocess_batch: applied to every per-replica batch (the element
+      structure, batched), for vectorized parsing or augmentation. deterministic: False lets tf.data reorder for speed, which gives up the
       reproducible order.
     initial_epoch/initial_step: where a resumed training job starts (step k of epoch e is skipped to, not replayed).
     steps_per_epoch: shorter training epochs than one pass (each still a fresh shuffle of the whole share).
@@ -228,13 +230,15 @@ def distribute_dataset(
                 raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")
             data = _training_batches(data, ctx, per_replica, steps, seed, shuffle_buffer, preprocess, initial_epoch,
                                      initial_step, global_batch_size if by_batch else None)
+            data = _map_batches(data, preprocess_batch)
         else:
             steps = evaluation_steps(share.sizes, global_batch_size, num_replicas)
             if preprocess is not None:
                 data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
             # Workers may hold different numbers of batches; a known per-worker count would make Keras stop each
             # worker at its own count, leaving the others waiting in a collective. Unknown, all stop together.
-            data = data.batch(per_replica, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda *_: True)
+            data = _map_batches(data.batch(per_replica, num_parallel_calls=tf.data.AUTOTUNE), preprocess_batch)
+            data = data.filter(lambda *_: True)
         plans.append((share, steps))
         return data.prefetch(tf.data.AUTOTUNE).with_options(options)
 
@@ -248,6 +252,13 @@ def distribute_dataset(
     log.info(f"{'training' if training else 'evaluation'} input: {data.num_examples} examples, {sharded}, global batch "
              f"{global_batch_size} = {num_replicas} replica(s) x {per_replica}, {steps} steps")
     return data
+
+
+def _map_batches(batches: tf.data.Dataset, fn: Optional[Callable]) -> tf.data.Dataset:
+    """`fn` on every batch, given as one structure (a tuple, or a lone tensor such as serialized records)."""
+    if fn is None:
+        return batches
+    return batches.map(lambda *batch: fn(batch if len(batch) > 1 else batch[0]), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _filled_cache(dataset: tf.data.Dataset) -> tf.data.Dataset:

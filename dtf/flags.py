@@ -1,10 +1,12 @@
 """absl flags for every `Config` field, grouped by concern, with validators; and the Config built from them.
 
 Flags are generated from `dtf.config.Config`, so a flag's help, default and constraints are the config's. Groups
-show up as sections of `--helpfull` (absl groups flags by the module name they are registered under).
+show up as sections of `--helpfull` (absl groups flags by the module name they are registered under). A `--task`
+module's own flags are defined by importing it before parsing (`define_task_flags`), and recorded in the Config.
 """
 import dataclasses
 import typing
+from typing import List, Optional, Sequence
 
 from absl import flags
 
@@ -47,7 +49,7 @@ def _convert(field, value):
 def define_flags(flag_values=FLAGS):
     """Register one absl flag per Config field (idempotent per FlagValues)."""
     for field in dataclasses.fields(config_lib.Config):
-        if field.name in flag_values:
+        if field.name in flag_values or not field.metadata["flag"]:
             continue
         meta, base = field.metadata, _kind(field)
         module = f"dtf: {meta['group']}"
@@ -66,8 +68,45 @@ def define_flags(flag_values=FLAGS):
         flags.register_validator(field.name, _validator(field), flag_values=flag_values)
 
 
+def task_spec(argv: Sequence[str], flag_values=FLAGS) -> Optional[str]:
+    """The last --task on the command line or in its flagfiles (None when absent or the flagfiles do not read:
+    the real parse then reports that)."""
+    try:
+        args = flag_values.read_flags_from_files(list(argv), force_gnu=False)
+    except flags.Error:
+        return None
+    spec = None
+    for i, arg in enumerate(args):
+        if arg.startswith("--task="):
+            spec = arg[len("--task="):]
+        elif arg == "--task" and i + 1 < len(args):
+            spec = args[i + 1]
+    return spec
+
+
+def define_task_flags(argv: Sequence[str], flag_values=FLAGS):
+    """Import the --task module named in `argv` before the command line is parsed, which defines its flags."""
+    from dtf import task as task_lib
+
+    spec = task_spec(argv, flag_values)
+    if spec:
+        task_lib.resolve(spec)
+
+
+def task_flag_names(config_task: Optional[str], flag_values=FLAGS) -> List[str]:
+    """The flags the task's own module defined (absl files flags under the defining module's name)."""
+    from dtf import task as task_lib
+
+    if not config_task:
+        return []
+    return sorted(f.name for f in flag_values.flags_by_module_dict().get(task_lib.module_name(config_task), []))
+
+
 def config_from_flags(flag_values=FLAGS, **overrides) -> config_lib.Config:
     """The typed Config from parsed flags (`overrides` win: the tuner sets a trial's values this way)."""
-    values = {f.name: _convert(f, flag_values[f.name].value) for f in dataclasses.fields(config_lib.Config)}
+    values = {f.name: _convert(f, flag_values[f.name].value) for f in dataclasses.fields(config_lib.Config)
+              if f.metadata["flag"]}
+    values["task_flags"] = tuple(flag_values[name].serialize()
+                                 for name in task_flag_names(overrides.get("task", values["task"]), flag_values))
     values.update(overrides)
     return config_lib.Config(**values)

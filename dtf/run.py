@@ -8,25 +8,24 @@ import sys
 from dtf import cli
 
 
-
-def _define():
+def _define(argv):
     from dtf import flags as dtf_flags
 
     dtf_flags.define_flags()
+    dtf_flags.define_task_flags(argv)
 
 
 def _body(rest):
     import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
     from dtf import cluster as cluster_lib
     from dtf import flags as dtf_flags
+    from dtf.summaries import EPOCH_SCALARS
     from dtf.train import run_experiment
 
     config = dtf_flags.config_from_flags()
     summary = run_experiment(config)
     if cluster_lib.parse_tf_config().is_chief:
-        metrics = summary["final_metrics"]
-        shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
-                         if k in metrics)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in summary["final_metrics"].items() if k not in EPOCH_SCALARS)
         print(f"dtf: done in {summary['wall_time_s']:.1f}s: {shown} examples/sec={summary['examples_per_sec']:.0f}")
         print(f"dtf: outputs in {config.model_dir}; view with: tensorboard --logdir {config.model_dir}/tensorboard")
     return 0

@@ -11,6 +11,9 @@ from tensorboard.plugins.hparams import api as hparams_api
 from dtf import callbacks as callbacks_lib
 from dtf import scaling
 
+# The scalars TrainingScalars adds to every epoch's logs (so to the history), besides the task's metrics.
+EPOCH_SCALARS = ("learning_rate", "examples_per_sec", "step_time_ms")
+
 
 class TrainingScalars(keras.callbacks.Callback):
     """Writes `learning_rate`, `examples_per_sec` (global: all replicas) and `step_time_ms` every `every_n_steps`

@@ -17,8 +17,9 @@ import tensorflow as tf
 from dtf import callbacks as callbacks_lib
 from dtf import cluster as cluster_lib
 from dtf import data as data_lib
-from dtf import datasets, models, scaling
+from dtf import losses, scaling
 from dtf import strategy as strategy_lib
+from dtf import task as task_lib
 from dtf import versions
 from dtf.config import Config
 from dtf.errors import UserError
@@ -28,7 +29,6 @@ from dtf.summaries import TrainingScalars, write_run_metadata
 log = get_logger(__name__)
 
 DEFAULT_GLOBAL_BATCH = 64
-EVAL_SPLITS = ("test", "validation")
 BACKUP_DIR = "backup"
 
 
@@ -77,16 +77,23 @@ def read_backup(model_dir: str):
 
 
 class Experiment:
-    """The parts of one run, built in dtf's one order; each method is used by both the runner and the tuner."""
+    """The parts of one run, built in dtf's one order; each method is used by both the runner and the tuner.
 
-    def __init__(self, config: Config, strategy: tf.distribute.Strategy, cluster: cluster_lib.ClusterInfo):
+    `task` defaults to the one the config names (`--task`, else the built-in task of `--dataset`/`--model`)."""
+
+    def __init__(self, config: Config, strategy: tf.distribute.Strategy, cluster: cluster_lib.ClusterInfo,
+                 task: Optional[task_lib.Task] = None):
         self.config, self.strategy, self.cluster = config, strategy, cluster
+        self.task = task or task_lib.from_config(config)
+        self.task_label = (f"--task={config.task}" if config.task else
+                           task_lib.BUILTIN if task is None else f"task {type(task).__qualname__}")
         self.plan = scaling.BatchPlan.create(
             strategy.num_replicas_in_sync, global_batch_size=config.global_batch_size or (
                 None if config.per_replica_batch_size else DEFAULT_GLOBAL_BATCH),
             per_replica_batch_size=config.per_replica_batch_size)
-        self.train_split = datasets.load(config.dataset, "train", config.data_dir)
-        self.eval_split = self._eval_split()
+        self.train_split, self.eval_split = task_lib.splits(self.task, self.task_label)
+        if self.eval_split is None:
+            log.info(f"{self.task_label} has no validation or test split: training without validation")
         sizes = ([self.train_split.num_examples] if config.input_sharding == "batch"
                  else data_lib.share_sizes(self.train_split, cluster.num_workers)[1])
         self.steps_per_epoch = config.steps_per_epoch or data_lib.training_steps(
@@ -96,19 +103,14 @@ class Experiment:
         self.peak_lr = scaling.scaled_lr(config.base_lr, self.effective_batch, config.reference_batch_size,
                                          config.lr_scaling)
 
-    def _eval_split(self):
-        for split in EVAL_SPLITS:
-            try:
-                return datasets.load(self.config.dataset, split, self.config.data_dir)
-            except UserError:
-                continue
-        raise UserError(f"--dataset={self.config.dataset} has no {' or '.join(EVAL_SPLITS)} split to validate on")
-
     def resolved_config(self) -> Config:
-        """The config to re-run this experiment anywhere: the global batch made explicit (it is the truth), and no
-        per-process cluster position."""
-        return self.config.replace(global_batch_size=self.plan.global_batch_size, per_replica_batch_size=None,
-                                   worker_hosts=None, task_index=None)
+        """The config to re-run this experiment anywhere: the global batch made explicit (it is the truth), the
+        built-in task's defaults filled in, a task file's path made absolute, and no per-process cluster position."""
+        c = self.config
+        task = dict(task=task_lib.canonical_spec(c.task)) if c.task else dict(
+            dataset=c.dataset or task_lib.DEFAULT_DATASET, model=c.model or task_lib.DEFAULT_MODEL)
+        return c.replace(global_batch_size=self.plan.global_batch_size, per_replica_batch_size=None,
+                         worker_hosts=None, task_index=None, **task)
 
     def describe(self) -> str:
         return (f"{type(self.strategy).__name__} × {self.plan.num_replicas} replica(s), global batch "
@@ -116,17 +118,36 @@ class Experiment:
                 f"{scaling.explain_lr(self.config.base_lr, self.effective_batch, self.config.reference_batch_size, self.config.lr_scaling)}, "
                 f"{self.steps_per_epoch} steps/epoch × {self.config.epochs} epochs")
 
+    def _preprocess_batch(self, training: bool):
+        if type(self.task).preprocess_batch is task_lib.Task.preprocess_batch:
+            return None
+        return lambda batch: self.task.preprocess_batch(batch, training=training)
+
     def train_data(self, initial_epoch: int = 0, initial_step: int = 0) -> data_lib.DistributedData:
         c = self.config
         return data_lib.distribute_dataset(
             self.strategy, self.train_split, self.plan.global_batch_size, training=True, seed=c.seed,
             shuffle_buffer=c.shuffle_buffer, cache=c.cache, deterministic=c.deterministic,
             initial_epoch=initial_epoch, initial_step=initial_step, steps_per_epoch=self.steps_per_epoch,
-            sharding=c.input_sharding)
+            sharding=c.input_sharding, preprocess_batch=self._preprocess_batch(True))
 
-    def eval_data(self) -> data_lib.DistributedData:
+    def eval_data(self) -> Optional[data_lib.DistributedData]:
+        if self.eval_split is None:
+            return None
         return data_lib.distribute_dataset(self.strategy, self.eval_split, self.plan.global_batch_size,
-                                           training=False, cache=self.config.cache)
+                                           training=False, cache=self.config.cache,
+                                           preprocess_batch=self._preprocess_batch(False))
+
+    def sample_batch(self):
+        """(features, labels) of the first per-replica batch of the training split, as a replica gets it (one row
+        more when that is odd: the loss check splits it in halves)."""
+        rows = self.plan.per_replica_batch_size + self.plan.per_replica_batch_size % 2
+        batch = self.train_split.read(None).take(rows).batch(rows)
+        preprocess = self._preprocess_batch(False)
+        if preprocess is not None:
+            batch = batch.map(lambda *b: preprocess(b if len(b) > 1 else b[0]))
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(next(iter(batch)))
+        return x, y
 
     def schedule(self):
         c = self.config
@@ -137,20 +158,26 @@ class Experiment:
             decay_rate=c.lr_decay_rate, final_lr=c.final_lr, power=c.lr_decay_power)
 
     def build_model(self) -> keras.Model:
-        """The compiled model, built inside the strategy scope with seeded initial weights."""
+        """The task's model, built inside the strategy scope with seeded initial weights, checked against one real
+        batch, and compiled with the task's loss (made replica-count independent) and metrics."""
         c = self.config
         keras.utils.set_random_seed(c.seed)
         if c.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with self.strategy.scope():
-            model = models.build_model(c.model, self.train_split.input_shape, self.train_split.num_classes)
+            model = self.task.build_model()
+            if not isinstance(model, keras.Model):
+                raise UserError(f"{self.task_label}: build_model() returned a {type(model).__name__}; return a "
+                                "keras.Model")
+            features, labels = self.sample_batch()
+            predictions = task_lib.check_model_accepts(model, features, self.task_label)
+            loss = losses.for_replicas(self.task.loss(), labels, predictions, self.task_label)
             optimizer = scaling.build_optimizer(
                 c.optimizer, self.schedule(), momentum=c.momentum, nesterov=c.nesterov,
                 weight_decay=c.weight_decay, clipnorm=c.clipnorm, global_clipnorm=c.global_clipnorm,
                 gradient_accumulation_steps=c.gradient_accumulation_steps)
-            model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=["accuracy"], steps_per_execution=c.steps_per_execution,
-                          jit_compile=c.jit_compile)
+            model.compile(optimizer=optimizer, loss=loss, metrics=self.task.metrics(),
+                          steps_per_execution=c.steps_per_execution, jit_compile=c.jit_compile)
         return model
 
     def callbacks(self, log_dir: str, backup_dir: Optional[str]) -> List[keras.callbacks.Callback]:
@@ -185,7 +212,8 @@ class Experiment:
                     cb.step_offset, cb.restore_on_begin = first_step, not history
             model._initial_epoch = None  # Keras prefers a restored epoch over `initial_epoch`; ours is exact
             h = model.fit(train.dataset, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
-                          shuffle=False, validation_data=eval_data.dataset,  # no validation_steps: see EVAL_NOTE
+                          shuffle=False,  # no validation_steps: see EVAL_NOTE
+                          validation_data=eval_data.dataset if eval_data else None,
                           validation_freq=self.config.validation_freq, callbacks=list(callbacks), verbose=verbose)
             for k, v in h.history.items():
                 history.setdefault(k, []).extend(v)
@@ -203,18 +231,23 @@ class Experiment:
         return history
 
     def evaluate(self, model: keras.Model) -> dict:
+        """Metrics on the eval split ({} when the task has none)."""
         eval_data = self.eval_data()
-        return model.evaluate(eval_data.dataset, verbose=0, return_dict=True)
+        return model.evaluate(eval_data.dataset, verbose=0, return_dict=True) if eval_data else {}
 
 
-def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = None) -> dict:
-    """Train, evaluate and export one experiment; returns the summary (also written to model_dir by the chief)."""
+def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = None,
+                   task: Optional[task_lib.Task] = None) -> dict:
+    """Train, evaluate and export one experiment; returns the summary (also written to model_dir by the chief).
+
+    `task`: a Task object to train instead of the one the config names (from Python, e.g. with constructor
+    arguments)."""
     start = time.time()
     cluster = resolve_cluster(config)
     if cluster.is_chief:
         check_model_dir(config.model_dir)
     strategy = strategy or create_strategy(config)
-    exp = Experiment(config, strategy, cluster)
+    exp = Experiment(config, strategy, cluster, task)
     resolved = exp.resolved_config()
     log.info(exp.describe())
     log_dir = os.path.join(config.model_dir, "tensorboard")
@@ -232,7 +265,8 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
     final = exp.evaluate(model)
     steps_run = exp.total_steps - initial_epoch * exp.steps_per_epoch - initial_step
     summary = {
-        "dataset": config.dataset, "model": config.model, "strategy": type(strategy).__name__,
+        "task": resolved.task, "dataset": resolved.dataset, "model": resolved.model,
+        "strategy": type(strategy).__name__,
         "num_replicas": exp.plan.num_replicas, "num_workers": cluster.num_workers,
         "global_batch_size": exp.plan.global_batch_size, "per_replica_batch_size": exp.plan.per_replica_batch_size,
         "base_lr": config.base_lr, "peak_lr": exp.peak_lr, "lr_scaling": config.lr_scaling,

@@ -7,7 +7,8 @@ Takes every `dtf.run` flag plus a search space:
   --tune_warmup_epochs=0,1
   --tune_lr_scaling=linear,sqrt
   --tuner=random|bayesian|hyperband|grid --max_trials=N --executions_per_trial=N
-  --objective=val_accuracy|val_loss --tune_dir=DIR
+  --objective=val_accuracy|val_loss|val_<any metric> [--objective_direction=min|max] --tune_dir=DIR
+  --task=package.module:Attr             tune your own task (its flags work here as in dtf.run)
 
 A trial's Config is `config_from_flags(**trial_values)` — the same code path as `dtf.run` — and it trains with
 `dtf.train.Experiment` under the strategy created once from the flags, so the batch is sharded per replica and the
@@ -37,7 +38,10 @@ from dtf import cli
 from dtf import tune_distributed as distributed
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-OBJECTIVES = {"val_accuracy": "max", "val_loss": "min"}
+DIRECTIONS = ("auto", "min", "max")
+# `auto` direction: names with these words are minimized / maximized; anything else needs --objective_direction.
+MINIMIZED_WORDS = ("loss", "error")
+MAXIMIZED_WORDS = ("accuracy", "auc", "precision", "recall")
 PROJECT = "sweep"
 SPACE_FILE = "space.json"
 TRIALS_DIR = "trial_info"
@@ -52,7 +56,7 @@ RESULT_COLUMNS = ["trial", "global_batch_size", "base_lr", "warmup_epochs", "lr_
                   "epochs_run", "wall_time_s", "status", "tuner"]
 
 
-def _define():
+def _define(argv):
     from absl import flags
 
     from dtf import flags as dtf_flags
@@ -67,11 +71,15 @@ def _define():
     flags.DEFINE_string("tuner", "random", f"Search algorithm: {', '.join(TUNERS)}.", **kw)
     flags.DEFINE_integer("max_trials", 10, "Trials to run (grid: at most this many; hyperband: ignored).", **kw)
     flags.DEFINE_integer("executions_per_trial", 1, "Trainings per trial (objective averaged).", **kw)
-    flags.DEFINE_string("objective", "val_accuracy", f"What to optimize: {', '.join(OBJECTIVES)}.", **kw)
+    flags.DEFINE_string("objective", "val_accuracy", "What to optimize: a metric the trials report, e.g. val_loss, "
+                        "val_accuracy, val_mean_absolute_error (val_ = on the validation split).", **kw)
+    flags.DEFINE_string("objective_direction", "auto", f"min or max; auto: min for names with "
+                        f"{'/'.join(MINIMIZED_WORDS)}, max for {'/'.join(MAXIMIZED_WORDS)}.", **kw)
     flags.DEFINE_string("tune_dir", "runs/tune", "Sweep directory (rerun the same command to resume).", **kw)
     flags.DEFINE_integer("num_tuners", 0, "Distributed tuning on this host: a chief (oracle) process plus this many "
                          "tuner-worker processes on 127.0.0.1. 0: one process. Ignored when KERASTUNER_TUNER_ID is "
                          "set (the process runs as that role).", **kw)
+    dtf_flags.define_task_flags(argv)  # last: a task flag that clashes with any of dtf's is reported as such
 
 
 # ----------------------------------------------------------------------------------------------------------- space
@@ -136,7 +144,26 @@ def _corner_values(spec: dict) -> list:
     return spec["values"] if "values" in spec else [spec["min"], spec["max"]]
 
 
-def validate_space(space: dict, base_config, num_replicas: int, tuner: str, objective: str, max_trials: int,
+def objective_direction(objective: str, direction: str = "auto") -> str:
+    """"min" or "max" for `objective`: as given, or inferred from its name."""
+    from dtf.errors import UserError
+
+    if not objective.strip():
+        raise UserError("--objective is empty; name a metric the trials report, e.g. --objective=val_loss")
+    if direction not in DIRECTIONS:
+        raise UserError(f"--objective_direction={direction!r} is not valid; choose one of: {', '.join(DIRECTIONS)}")
+    if direction != "auto":
+        return direction
+    name = objective.lower()
+    if any(word in name for word in MINIMIZED_WORDS):
+        return "min"
+    if any(word in name for word in MAXIMIZED_WORDS):
+        return "max"
+    raise UserError(f"--objective={objective}: cannot tell whether to minimize or maximize it; add "
+                    "--objective_direction=min or --objective_direction=max")
+
+
+def validate_space(space: dict, base_config, num_replicas: int, tuner: str, max_trials: int,
                    executions_per_trial: int):
     """Fail with one line before any trial runs: every corner of the space must make a valid Config and plan."""
     import itertools
@@ -146,8 +173,6 @@ def validate_space(space: dict, base_config, num_replicas: int, tuner: str, obje
 
     if tuner not in TUNERS:
         raise UserError(f"--tuner={tuner!r} is not valid; choose one of: {', '.join(TUNERS)}")
-    if objective not in OBJECTIVES:
-        raise UserError(f"--objective={objective!r} is not valid; choose one of: {', '.join(OBJECTIVES)}")
     if max_trials < 1:
         raise UserError(f"--max_trials={max_trials} must be >= 1")
     if executions_per_trial < 1:
@@ -174,7 +199,8 @@ def validate_space(space: dict, base_config, num_replicas: int, tuner: str, obje
 
 
 def _space_signature(space: dict, flag_values) -> dict:
-    return {"space": space, "tuner": flag_values["tuner"].value, "objective": flag_values["objective"].value}
+    return {"space": space, "tuner": flag_values["tuner"].value, "objective": flag_values["objective"].value,
+            "task": flag_values["task"].value}
 
 
 # ---------------------------------------------------------------------------------------------------- hypermodel
@@ -186,14 +212,15 @@ def _make_hypermodel_class():
 
     from dtf import flags as dtf_flags
     from dtf import train
-    from dtf.summaries import write_run_metadata
+    from dtf.summaries import EPOCH_SCALARS, write_run_metadata
 
     class DtfHyperModel(kt.HyperModel):
         """build(hp) = the trial's Config + Experiment → exp.build_model(); fit = exp.fit with dtf's callbacks."""
 
-        def __init__(self, space, strategy, cluster, tune_dir):
+        def __init__(self, space, strategy, cluster, tune_dir, task, objective):
             super().__init__(name="dtf")
             self.space, self.strategy, self.cluster, self.tune_dir = space, strategy, cluster, tune_dir
+            self.task, self.objective = task, objective  # one task object serves every trial
             self.trial_id = None  # set by the tuner before each trial (see _tuner_class)
             self.trials_run = []  # trial ids this process trained
             self.exp = None
@@ -224,7 +251,7 @@ def _make_hypermodel_class():
 
         def build(self, hp):
             config = dtf_flags.config_from_flags(**self.overrides(hp))
-            self.exp = train.Experiment(config, self.strategy, self.cluster)
+            self.exp = train.Experiment(config, self.strategy, self.cluster, self.task)
             return self.exp.build_model()
 
         def fit(self, hp, model, *args, callbacks=None, **kwargs):
@@ -248,6 +275,10 @@ def _make_hypermodel_class():
                 _write_info(self.tune_dir, trial_id, info)
                 print(f"dtf.tune: trial {trial_id} failed: {e}", file=sys.stderr, flush=True)
                 raise kt.errors.FailedTrialError(str(e)) from None
+            if self.objective not in history:
+                reported = ", ".join(k for k in history if k not in EPOCH_SCALARS)
+                raise ObjectiveNotReported(f"--objective={self.objective} is not a metric of this run; it reports: "
+                                           f"{reported}")
             info.update(status="completed", wall_time_s=time.time() - start,
                         epochs_run=len(history.get("loss", [])))
             _write_info(self.tune_dir, trial_id, info)
@@ -256,7 +287,10 @@ def _make_hypermodel_class():
             result.epoch = list(range(len(history.get("loss", []))))
             return result
 
-    return DtfHyperModel
+    class ObjectiveNotReported(kt.errors.FatalError):
+        """Stops the whole sweep (keras-tuner only records other errors as a failed trial and goes on)."""
+
+    return DtfHyperModel, ObjectiveNotReported
 
 
 def _write_info(tune_dir, trial_id, info):
@@ -288,14 +322,15 @@ def _tuner_class(name: str):
     return DtfTuner
 
 
-def make_tuner(name, hypermodel, objective, max_trials, executions_per_trial, tune_dir, strategy, seed, epochs):
+def make_tuner(name, hypermodel, objective, direction, max_trials, executions_per_trial, tune_dir, strategy, seed,
+               epochs):
     import keras_tuner as kt
     from absl import flags
     from keras_tuner.src import config as kt_config
 
     # keras-tuner prints the traceback of every failed trial; dtf prints one line (tracebacks with --verbosity=1)
     kt_config.DEBUG = flags.FLAGS["verbosity"].value >= 1
-    common = dict(hypermodel=hypermodel, objective=kt.Objective(objective, OBJECTIVES[objective]),
+    common = dict(hypermodel=hypermodel, objective=kt.Objective(objective, direction),
                   directory=tune_dir, project_name=PROJECT, overwrite=False, seed=seed,
                   distribution_strategy=strategy, executions_per_trial=executions_per_trial,
                   # a diverged trial must not stop the sweep: never reach the consecutive-failure limit
@@ -351,12 +386,12 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
-def best_row(rows: List[dict], objective: str) -> Optional[dict]:
+def best_row(rows: List[dict], direction: str) -> Optional[dict]:
     done = [r for r in rows if r["status"] == "completed" and r["objective"] != ""
             and math.isfinite(float(r["objective"]))]
     if not done:
         return None
-    key = (lambda r: -float(r["objective"])) if OBJECTIVES[objective] == "max" else (lambda r: float(r["objective"]))
+    key = (lambda r: -float(r["objective"])) if direction == "max" else (lambda r: float(r["objective"]))
     return min(done, key=key)
 
 
@@ -434,8 +469,7 @@ def _body(rest):
     tuner_name, objective = FLAGS.tuner, FLAGS.objective
     if tuner_name not in TUNERS:  # before importing TensorFlow: fail fast
         raise UserError(f"--tuner={tuner_name!r} is not valid; choose one of: {', '.join(TUNERS)}")
-    if objective not in OBJECTIVES:
-        raise UserError(f"--objective={objective!r} is not valid; choose one of: {', '.join(OBJECTIVES)}")
+    direction = objective_direction(objective, FLAGS.objective_direction)
     role = distributed.role()
     if FLAGS.num_tuners < 0:
         raise UserError(f"--num_tuners={FLAGS.num_tuners} must be >= 0")
@@ -451,6 +485,7 @@ def _body(rest):
 
     import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
     from dtf import flags as dtf_flags
+    from dtf import task as task_lib
     from dtf import train
 
     config = dtf_flags.config_from_flags()
@@ -460,23 +495,30 @@ def _body(rest):
         raise UserError("dtf.tune trains each trial on one host (one_device or mirrored); multi-worker trials are not "
                         "supported: unset TF_CONFIG/--worker_hosts and use --num_tuners=N for parallel trials")
     strategy = train.create_strategy(config)
-    validate_space(space, config, strategy.num_replicas_in_sync, tuner_name, objective, FLAGS.max_trials,
+    validate_space(space, config, strategy.num_replicas_in_sync, tuner_name, FLAGS.max_trials,
                    FLAGS.executions_per_trial)
     train.check_model_dir(tune_dir, "--tune_dir")
     _check_signature(tune_dir, _space_signature(space, FLAGS), write=role in (None, "chief"))
 
-    hypermodel = _make_hypermodel_class()(space, strategy, cluster, tune_dir)
-    tuner = make_tuner(tuner_name, hypermodel, objective, FLAGS.max_trials, FLAGS.executions_per_trial, tune_dir,
+    hypermodel_class, objective_not_reported = _make_hypermodel_class()
+    hypermodel = hypermodel_class(space, strategy, cluster, tune_dir, task_lib.from_config(config), objective)
+    tuner = make_tuner(tuner_name, hypermodel, objective, direction, FLAGS.max_trials, FLAGS.executions_per_trial, tune_dir,
                        strategy, config.seed, config.epochs)
-    # keras-tuner prints a progress display per trial; keep stdout for dtf's own table.
     tuner.oracle.verbose = 0
-    import contextlib
-    import io
+
+    def search():
+        import contextlib
+        import io
+
+        try:  # keras-tuner prints a progress display per trial; keep stdout for dtf's own table
+            with contextlib.redirect_stdout(io.StringIO()):
+                tuner.search(verbose=0)
+        except objective_not_reported as e:
+            raise UserError(str(e)) from None
 
     start = time.time()
     if role not in (None, "chief"):  # a tuner worker: train the trials the chief hands out, write no results
-        with contextlib.redirect_stdout(io.StringIO()):
-            tuner.search(verbose=0)
+        search()
         print(f"dtf.tune: {role} ran {len(hypermodel.trials_run)} trial(s) in {time.time() - start:.1f}s: "
               f"{', '.join(map(str, hypermodel.trials_run)) or 'none'}")
         return 0
@@ -488,9 +530,7 @@ def _body(rest):
         expected = {f"tuner{i}" for i in range(int(n))} if n and n.isdigit() else None
         distributed.serve_oracle(tuner, expected)
     else:
-        chatter = io.StringIO()
-        with contextlib.redirect_stdout(chatter):
-            tuner.search(verbose=0)
+        search()
     ran = len(tuner.oracle.trials) - before
     rows = collect_results(tuner, tune_dir, config)
     write_results(rows, tune_dir)
@@ -498,7 +538,7 @@ def _body(rest):
     print(f"dtf.tune: {ran} new trial(s) in {time.time() - start:.1f}s, {len(rows)} in total; "
           f"results in {os.path.join(tune_dir, 'results.csv')}")
     plot(rows, tune_dir, objective)
-    best = best_row(rows, objective)
+    best = best_row(rows, direction)
     if best is None:
         raise UserError(f"no trial of the {len(rows)} completed (see {tune_dir}/results.csv); lower --tune_base_lr "
                         "or add warmup")
