@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import tensorflow as tf
 
 from dtf import datasets
+from dtf.choices import SHARDINGS
 from dtf.datasets import DatasetSplit
 from dtf.datasets.split import count_examples
 from dtf.errors import UserError
@@ -36,7 +37,6 @@ DEFAULT_SHUFFLE_BUFFER = 10_000
 SEED_STRIDE = 1_000_003
 GRAPH_SEED = 87654321  # any fixed non-zero value (TF treats a (0, 0) seed pair as "random")
 BATCH_FLAG = "--global_batch_size"
-SHARDINGS = ("auto", "batch")
 
 Source = Union[str, DatasetSplit, tf.data.Dataset, Sequence[str],
                Callable[[tf.distribute.InputContext], tf.data.Dataset]]

@@ -12,11 +12,9 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dtf.choices import LR_SCALING_RULES, OPTIMIZERS, SCHEDULES
 from dtf.errors import UserError
 
-LR_SCALING_RULES = ("linear", "sqrt", "none")
-SCHEDULES = ("constant", "cosine", "step", "polynomial")
-OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "lion", "rmsprop")
 
 # Goyal et al. 2017 (and most ImageNet recipes) use SGD with momentum 0.9; Keras's SGD defaults to none.
 DEFAULT_SGD_MOMENTUM = 0.9

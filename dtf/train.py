@@ -21,7 +21,7 @@ from dtf import datasets, models, scaling
 from dtf import strategy as strategy_lib
 from dtf import versions
 from dtf.config import Config
-from dtf.errors import UserError
+from dtf.errors import TrainingDiverged, UserError
 from dtf.logs import get_logger
 from dtf.summaries import TrainingScalars, write_run_metadata
 
@@ -35,10 +35,6 @@ BACKUP_DIR = "backup"
 # EVAL_NOTE: evaluation datasets are finite and read to the end (no `steps`): with `steps` Keras keeps one iterator
 # across validations and the second one finds it empty. Reading to the end makes Keras warn on every validation.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN/inf: a bad learning rate or warmup, reported as a user error."""
 
 
 def resolve_cluster(config: Config) -> cluster_lib.ClusterInfo:
@@ -199,7 +195,8 @@ class Experiment:
             if key.endswith("loss") and any(not math.isfinite(v) for v in values):
                 raise TrainingDiverged(
                     f"training diverged: {key} became {values[-1]} by epoch {len(values)} at peak LR "
-                    f"{self.peak_lr:g}; lower --base_lr, add --warmup_epochs, or set --global_clipnorm")
+                    f"{self.peak_lr:g}; lower base_lr, add warmup_epochs, or set global_clipnorm",
+                    arguments=("base_lr", "warmup_epochs", "global_clipnorm"))
         return history
 
     def evaluate(self, model: keras.Model) -> dict:

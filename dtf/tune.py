@@ -449,7 +449,9 @@ def _body(rest):
             print(f"dtf.tune: got {signal.Signals(stop.signum).name}; stopped all processes", file=sys.stderr)
             return 128 + stop.signum
 
-    import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
+    from dtf import versions
+
+    versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from dtf import flags as dtf_flags
     from dtf import train
 
