@@ -5,7 +5,7 @@ A message names the Python arguments it is about (`global_batch_size=100 is not 
 through `as_flags`, so one message serves both audiences.
 """
 import re
-from typing import Sequence
+from typing import Mapping, Sequence, Union
 
 from dtf import exitcodes
 
@@ -15,15 +15,16 @@ class DtfError(Exception):
 
     exit_status = exitcodes.CRASH
 
-    def __init__(self, message: str, *, arguments: Sequence[str] = ()):
+    def __init__(self, message: str, *, arguments: Union[Sequence[str], Mapping[str, str]] = ()):
+        """`arguments`: the argument names the message uses, or {argument: flag} where the flag is named differently."""
         super().__init__(message)
-        self.arguments = tuple(arguments)
+        self.arguments = dict(arguments) if isinstance(arguments, Mapping) else {a: a for a in arguments}
 
     def as_flags(self) -> str:
         """The message with every argument it names spelled as the flag a command-line user typed."""
         text = str(self).replace("\n", " ")
-        for name in self.arguments:
-            text = re.sub(rf"(?<![\w-]){re.escape(name)}\b", f"--{name}", text)
+        for name, flag in self.arguments.items():
+            text = re.sub(rf"(?<![\w-]){re.escape(name)}\b", f"--{flag}", text)
         return text
 
 
