@@ -68,6 +68,7 @@ def main(prog: str, define: Callable[[], None], body: Callable[[List[str]], int]
 
     def run() -> int:
         from absl import flags
+        from absl import logging  # noqa: F401  (defines --verbosity; TensorFlow is not there yet to import it)
 
         define()
         if set(HELP_FLAGS) & set(argv[1:]):
