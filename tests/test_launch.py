@@ -473,3 +473,17 @@ def test_dtf_run_resumes_mid_epoch_after_a_sigkill(start_launcher, tmp_path):
     print(f"dtf.run: resumed at epoch 2 step {resumed.group(1)}; max |Δw| vs uninterrupted = {diff:.2e}")
     assert diff < 1e-5
     assert killed.leftovers() == [] and reference.leftovers() == []
+
+
+@pytest.mark.slow
+def test_diverged_run_under_the_launcher_exits_3_and_is_not_restarted(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=1", "--max_restarts=2", "--timeout=300",
+                           "--", sys.executable, "-m", "dtf.run", "--dataset=synthetic/8x8x1", "--model=mlp",
+                           "--strategy=one_device", "--num_cpu_devices=1", "--base_lr=1e6", "--optimizer=sgd",
+                           "--epochs=1", "--steps_per_epoch=5", "--lr_schedule=constant",
+                           f"--model_dir={tmp_path / 'run'}"],
+                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=320)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert len(re.findall(r"launch: starting 1 worker\(s\)", proc.stderr)) == 1, proc.stderr
+    assert "not restarting: exit status 3 (training diverged)" in proc.stderr
+    assert "dtf.run: error: training diverged" in proc.stdout + proc.stderr
