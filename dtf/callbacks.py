@@ -55,7 +55,6 @@ class Backup:
     epoch: int  # the epoch to run next (or the one in progress when steps_done > 0)
     steps_done: int  # steps of that epoch already trained
     weights: str  # path of the weights file
-    metadata: str  # METADATA or PREVIOUS: which pair this is
 
 
 def _sha256(path: str) -> str:
@@ -80,7 +79,7 @@ def _read_pair(backup_dir: str, name: str) -> Backup:
         raise ValueError(f"{name} names {weights_name}, which is missing")
     if "sha256" in meta and _sha256(weights) != meta["sha256"]:
         raise ValueError(f"{weights_name} does not match the checksum in {name} (a partial write)")
-    return Backup(epoch, steps_done, weights, name)
+    return Backup(epoch, steps_done, weights)
 
 
 _warned = set()
