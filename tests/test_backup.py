@@ -189,3 +189,62 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         assert tmp.endswith(".keras") and os.path.dirname(tmp) == str(tmp_path)  # Keras checks the suffix
         open(tmp, "w").write("m")
     assert sorted(os.listdir(tmp_path)) == ["model.keras", "summary.json"]
+
+
+SAVER = """
+import sys
+import numpy as np
+import keras
+from dtf import callbacks
+callback = callbacks.BackupAndRestore(sys.argv[1])
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+model.compile(keras.optimizers.SGD(0.1), "mse")
+callback.set_model(model)
+backup = callbacks.latest_backup(sys.argv[1])
+start = backup.epoch + 1 if backup else 1
+for epoch in range(start, start + 10_000):
+    model.set_weights([np.full(w.shape, float(epoch), w.dtype) for w in model.get_weights()])
+    callback._current_epoch, callback._steps_done = epoch, 0
+    callback._save_model()
+    print("SAVED", epoch, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_backups_resumes_from_a_whole_one(tmp_path):
+    """A process backs up as fast as it can and is SIGKILLed at arbitrary moments (inside a write, most likely);
+    after every kill the backup restores to the last saved epoch (or the one being saved), weights and step
+    agreeing, and the next process continues from it."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    backup_dir, env = tmp_path / "backup", dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    rng, last_epoch = random.Random(0), 0
+    for kill in range(3):
+        proc = subprocess.Popen([sys.executable, str(script), str(backup_dir)], stdout=subprocess.PIPE, text=True,
+                                env=env)
+        try:
+            saved = []
+            deadline = time.monotonic() + 120
+            while len(saved) < 3 and time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                assert line, "saver exited early"
+                saved.append(int(line.split()[1]))
+            assert saved[0] == last_epoch + 1  # it continued from the backup
+            time.sleep(rng.uniform(0, 0.05))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            rest = [int(line.split()[1]) for line in proc.stdout.read().splitlines()]
+        finally:
+            proc.kill()
+            proc.wait()
+        last_printed = (saved + rest)[-1]
+        epoch, steps, value = _restore(backup_dir)
+        assert epoch in (last_printed, last_printed + 1) and steps == 0 and value == float(epoch), (
+            kill, last_printed, epoch, value)
+        last_epoch = epoch
