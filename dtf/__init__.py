@@ -1,32 +1,49 @@
-"""dtf: data-parallel Keras training on TensorFlow — strategies, sharded input, LR scaling, tuning."""
-import os as _os
-import sys as _sys
+"""dtf: data-parallel Keras training on TensorFlow — strategies, sharded input, LR scaling, tuning.
 
-from dtf import cli as _cli
-from dtf import logs as _logs
+`import dtf` is light: TensorFlow loads (quietly, version-checked, with dtf's LR schedules registered so saved dtf
+models load) the first time a name that needs it is used, e.g. `dtf.create_strategy` or `from dtf import callbacks`.
+The command-line tools' `--help`, flag errors and the launcher's `--dry_run`/`--emit` never load it.
+"""
+import importlib as _importlib
+import importlib.util as _importlib_util
 
-if _cli.wants_debug(_sys.argv):  # `--verbosity=1` on a dtf command line: TF's own logs stay on
-    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
-_logs.quiet_tensorflow()
-with _logs.silenced_stderr():
-    import tensorflow as _tf  # noqa: E402
-import keras as _keras  # noqa: E402
-
-from dtf.errors import UserError  # noqa: E402
-from dtf.versions import check_versions as _check_versions  # noqa: E402
-
-try:
-    _check_versions(_tf.__version__, _keras.__version__)
-except UserError as _e:
-    raise ImportError(str(_e)) from None
-
-from dtf import callbacks  # noqa: E402
-from dtf import scaling  # noqa: E402,F401  (registers dtf's LR schedules, so `import dtf` loads saved models)
-from dtf.cluster import ClusterInfo, build_tf_config, parse_tf_config  # noqa: E402
-from dtf.data import distribute_dataset  # noqa: E402
-from dtf.strategy import create_strategy, simulate_cpu_devices  # noqa: E402
-from dtf.task import Task  # noqa: E402
+from dtf.errors import DtfError, TrainingDiverged, UserError
 
 __version__ = "0.1.0"
-__all__ = ["ClusterInfo", "Task", "UserError", "build_tf_config", "callbacks", "create_strategy",
-           "distribute_dataset", "parse_tf_config", "simulate_cpu_devices"]
+
+# Public name -> module defining it (a module maps to itself). Everything here needs TensorFlow except dtf.cluster.
+_EXPORTS = {
+    "ClusterInfo": "dtf.cluster", "build_tf_config": "dtf.cluster", "parse_tf_config": "dtf.cluster",
+    "callbacks": "dtf.callbacks", "scaling": "dtf.scaling",
+    "create_strategy": "dtf.strategy", "simulate_cpu_devices": "dtf.strategy",
+    "distribute_dataset": "dtf.data", "Task": "dtf.task",
+}
+# Submodules that never import TensorFlow; any other `from dtf import <submodule>` loads it the dtf way first.
+_LIGHT = {"choices", "cli", "cluster", "config", "errors", "exitcodes", "flags", "launch", "logs", "manifests",
+          "procs", "run", "tune", "tune_distributed", "versions"}
+
+__all__ = ["ClusterInfo", "DtfError", "Task", "TrainingDiverged", "UserError", "build_tf_config", "callbacks",
+           "create_strategy", "distribute_dataset", "parse_tf_config", "scaling", "simulate_cpu_devices"]
+
+
+def _needs_tensorflow(module: str) -> bool:
+    return module.split(".")[1] not in _LIGHT
+
+
+def __getattr__(name: str):
+    """Import what `name` needs on first use (PEP 562); TensorFlow through `versions.load_tensorflow`."""
+    module = _EXPORTS.get(name, f"dtf.{name}")
+    if name not in _EXPORTS and _importlib_util.find_spec(module) is None:
+        raise AttributeError(f"module 'dtf' has no attribute {name!r}")
+    if _needs_tensorflow(module):
+        from dtf import versions
+
+        try:
+            versions.load_tensorflow()
+        except UserError as e:
+            raise ImportError(str(e)) from None
+    value = _importlib.import_module(module)
+    if module.rsplit(".", 1)[1] != name:
+        value = getattr(value, name)
+    globals()[name] = value
+    return value

@@ -5,32 +5,112 @@ Keras 3's BackupAndRestore, ModelCheckpoint and TensorBoard have no multi-worker
 Here non-chief workers still do the writing (saving may read synchronized variables, so every worker must take part)
 but into a private temporary directory that is removed when training ends. Restores read the chief's directory, so
 after all workers restart they resume from the same state (the directory must be shared storage in a real cluster).
+All directory I/O goes through `tf.io.gfile`, so the real directory may be on any TensorFlow filesystem (gs://, …).
 """
+import dataclasses
+import hashlib
 import json
 import os
-import shutil
 import tempfile
+import uuid
 from typing import Optional
 
 import keras
 import tensorflow as tf
 
+from dtf import atomic
 from dtf import cluster as cluster_lib
+from dtf.errors import UserError
+from dtf.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def write_dir(path: str, info: Optional[cluster_lib.ClusterInfo] = None) -> str:
     """Where this worker writes what belongs in `path`: `path` itself on the chief, a private temp dir elsewhere."""
     info = info or cluster_lib.parse_tf_config()
     if info.is_chief:
-        os.makedirs(path, exist_ok=True)
+        tf.io.gfile.makedirs(path)
         return path
     return tempfile.mkdtemp(prefix=f"dtf-{info.worker_id}-")
 
 
 def remove_if_private(path: str, real_path: str):
     """Remove what `write_dir(real_path)` handed a non-chief worker; the chief's real directory stays."""
-    if path != real_path:
-        shutil.rmtree(path, ignore_errors=True)
+    if path != real_path and tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+
+
+# A backup is a pair: a weights file with a name of its own, and METADATA naming it with its checksum. METADATA is
+# replaced atomically, after the weights are complete, and PREVIOUS keeps the pair it replaced; so a kill at any
+# moment leaves at least one whole, consistent pair, and a reader can tell a good pair from a damaged one.
+METADATA = "training_metadata.json"
+PREVIOUS = f"{METADATA}.bkp"
+_WEIGHTS_PREFIX = "weights-"
+_LEGACY_WEIGHTS = "latest.weights.h5"  # Keras's name, used by backups written before dtf named its weights files
+
+
+@dataclasses.dataclass(frozen=True)
+class Backup:
+    epoch: int  # the epoch to run next (or the one in progress when steps_done > 0)
+    steps_done: int  # steps of that epoch already trained
+    weights: str  # path of the weights file
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_pair(backup_dir: str, name: str) -> Backup:
+    """The backup METADATA or PREVIOUS describes; ValueError naming what is wrong if it is not whole."""
+    try:
+        with tf.io.gfile.GFile(os.path.join(backup_dir, name)) as f:
+            meta = json.loads(f.read())
+        epoch, steps_done = int(meta["epoch"]), int(meta.get("steps_done", 0))
+        weights_name = meta.get("weights", _LEGACY_WEIGHTS)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{name} is not valid backup metadata ({type(e).__name__}: {e})") from None
+    weights = os.path.join(backup_dir, weights_name)
+    if not tf.io.gfile.exists(weights):
+        raise ValueError(f"{name} names {weights_name}, which is missing")
+    if "sha256" in meta and _sha256(weights) != meta["sha256"]:
+        raise ValueError(f"{weights_name} does not match the checksum in {name} (a partial write)")
+    return Backup(epoch, steps_done, weights)
+
+
+_warned = set()
+
+
+def latest_backup(backup_dir: str) -> Optional[Backup]:
+    """The newest whole backup in `backup_dir`, None if there is none. A damaged newest backup falls back to the
+    previous one with a warning; when backup files exist but none is whole, a UserError: silently training again
+    from step 0 would be worse than stopping."""
+    problems = []
+    for name in (METADATA, PREVIOUS):
+        if not tf.io.gfile.exists(os.path.join(backup_dir, name)):
+            if name == METADATA and tf.io.gfile.exists(os.path.join(backup_dir, PREVIOUS)):
+                problems.append(f"{METADATA} is missing")
+            continue
+        try:
+            backup = _read_pair(backup_dir, name)
+        except (ValueError, tf.errors.OpError) as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            message = (f"the newest backup in {backup_dir} is damaged ({'; '.join(problems)}); resuming from the "
+                       f"previous one (epoch {backup.epoch + 1}, step {backup.steps_done})")
+            if message not in _warned:  # the runner and the callback both look; say it once
+                _warned.add(message)
+                log.warning(message)
+        return backup
+    if problems:
+        raise UserError(f"the backup in {backup_dir} cannot be resumed: {'; '.join(problems)}; restore it from a "
+                        f"copy, or delete {backup_dir} to train again from step 0")
+    return None
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -44,21 +124,15 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._own_dir = write_dir(backup_dir, cluster)
         super().__init__(self._own_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
 
-    def _point_at(self, directory: str):
-        self.backup_dir = directory
-        self._weights_path = os.path.join(directory, "latest.weights.h5")
-        self._training_metadata_path = os.path.join(directory, "training_metadata.json")
-        self._prev_weights_path = f"{self._weights_path}.bkp"
-        self._prev_training_metadata_path = f"{self._training_metadata_path}.bkp"
-
     def on_train_begin(self, logs=None):
-        if not self.restore_on_begin:
+        """Restore from the newest whole backup in the chief's directory (see `latest_backup`)."""
+        backup = latest_backup(self._real_dir) if self.restore_on_begin else None
+        if backup is None:
             return
-        self._point_at(self._real_dir)
-        try:
-            super().on_train_begin(logs)
-        finally:
-            self._point_at(self._own_dir)
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)  # its variables must exist to be loaded
+        self.model.load_weights(backup.weights)
+        self.model._initial_epoch = backup.epoch
 
     # Keras records the epoch only, so a restore from a mid-epoch backup would replay the whole epoch on top of
     # weights that already saw part of it. dtf also records `steps_done` in the epoch, and backs up at every epoch
@@ -81,9 +155,28 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         self._save_model()
 
     def _save_model(self):
-        super()._save_model()
-        with open(self._training_metadata_path, "w") as f:
-            json.dump({"epoch": self._current_epoch, "steps_done": self._steps_done}, f)
+        """Weights under a new name, then the metadata naming them replaces the old atomically (the old is kept as
+        PREVIOUS), then files no pair names are deleted. See METADATA for why a kill at any step is safe."""
+        directory = self.backup_dir
+        tf.io.gfile.makedirs(directory)
+        name = f"{_WEIGHTS_PREFIX}e{self._current_epoch}-s{self._steps_done}-{uuid.uuid4().hex[:8]}.weights.h5"
+        self.model.save_weights(os.path.join(directory, name))
+        keep = {name}
+        try:
+            previous = _read_pair(directory, METADATA)
+        except (ValueError, tf.errors.OpError):  # none yet (or not whole: then it is no fallback either)
+            previous = None
+        if previous is not None:
+            with tf.io.gfile.GFile(os.path.join(directory, METADATA)) as f:
+                atomic.write_text(os.path.join(directory, PREVIOUS), f.read())
+            keep.add(os.path.basename(previous.weights))
+        atomic.write_json(os.path.join(directory, METADATA), {
+            "epoch": self._current_epoch, "steps_done": self._steps_done, "weights": name,
+            "sha256": _sha256(os.path.join(directory, name))})
+        for leftover in tf.io.gfile.listdir(directory):
+            if leftover not in keep and (leftover.startswith(_WEIGHTS_PREFIX) or atomic.is_temporary(leftover)
+                                         or leftover == _LEGACY_WEIGHTS):
+                tf.io.gfile.remove(os.path.join(directory, leftover))
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)

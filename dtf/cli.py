@@ -1,32 +1,43 @@
-"""What every dtf command-line tool shares: quiet TensorFlow unless asked, absl flag parsing with one-line errors
-(exit 2, no traceback) for user mistakes, and `--helpfull`."""
+"""What every dtf command-line tool shares: the one error path (a dtf error anywhere becomes one line
+`prog: error: …` with its exit status from dtf.exitcodes, no traceback), absl flag parsing, and `--help` with the
+exit-status table. Nothing here imports TensorFlow: `--help` and flag errors stay instant."""
 import os
 import sys
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
-from dtf.exitcodes import USER_ERROR as EXIT_USAGE  # noqa: E402
+from dtf import exitcodes, logs
+from dtf.errors import DtfError, UserError
 
-
-def wants_debug(argv: List[str]) -> bool:
-    """absl's --verbosity (-v) >= 1 shows TensorFlow's own logs; read before TensorFlow is imported."""
-    for i, arg in enumerate(argv):
-        for prefix in ("--verbosity=", "-v="):
-            if arg.startswith(prefix):
-                return arg[len(prefix):].lstrip("-").isdigit() and int(arg[len(prefix):]) >= 1
-        if arg in ("--verbosity", "-v") and i + 1 < len(argv):
-            return argv[i + 1].isdigit() and int(argv[i + 1]) >= 1
-    return False
-
-
-def fail(prog: str, message: str, code: int = EXIT_USAGE):
-    sys.stderr.write(f"{prog}: error: {message}\n")
-    sys.exit(code)
-
-
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 
-def print_help(doc: str, task_modules=()):
+def exit_status_help() -> str:
+    """The exit-status table of dtf.exitcodes (its docstring is the one source), for `--help`."""
+    rows = [line.strip("|").split("|") for line in exitcodes.__doc__.splitlines()
+            if line.startswith("| ") and not line.startswith("| status")]
+    return "exit status:\n" + "\n".join(f"  {s.strip():>4}  {m.strip()}; restarted: {r.strip()}" for s, m, r in rows)
+
+
+def report(prog: str, error: DtfError) -> int:
+    """Print `error` as one line naming flags (not Python arguments); return its exit status."""
+    sys.stderr.write(f"{prog}: error: {error.as_flags()}\n")
+    return error.exit_status
+
+
+def guard(prog: str, body: Callable[[], int]) -> int:
+    """Run `body()`; a dtf error is reported on one line with its status, Ctrl-C is status 130. Anything else is a
+    crash and keeps its traceback (status 1)."""
+    try:
+        return body()
+    except DtfError as e:
+        return report(prog, e)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return INTERRUPTED
+
+
+def print_help(doc: str, task_modules: Sequence[str] = ()):
     """The tool's doc, then its flags grouped by concern (dtf's groups and the --task module's, plus absl's
     --verbosity)."""
     from absl import flags
@@ -35,45 +46,47 @@ def print_help(doc: str, task_modules=()):
     for module in flags.FLAGS.flags_by_module_dict():  # in definition order: strategy, cluster, data, ...
         if str(module).startswith("dtf") or module in task_modules:
             print(flags.FLAGS.module_help(module) + "\n")
-    print("logging:\n  --verbosity: 1 (or -v 1) shows TensorFlow's own logs; default quiet.")
+    print("logging:\n  --verbosity: 1 (or -v 1) shows TensorFlow's own logs; default quiet.\n")
+    print(exit_status_help())
 
 
-def main(prog: str, define: Callable[[List[str]], None], body: Callable[[List[str]], int], argv=None, doc: str = ""):
-    """Define flags (`define(argv)`: a --task module's flags depend on the command line), parse them (absl:
-    --flagfile, nesting, command line overrides the file), then run `body(rest_argv)`.
-
-    A `UserError` or a flag error anywhere becomes one line on stderr and exit status 2."""
-    argv = list(sys.argv if argv is None else argv)
-    if wants_debug(argv):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+def parse_flags(argv: Sequence[str], flag_values=None) -> List[str]:
+    """absl parsing (--flagfile, nesting, command line overrides the file); a bad flag is a UserError."""
     from absl import flags
 
-    from dtf import logs
-    from dtf.errors import UserError
-
+    flag_values = flag_values or flags.FLAGS
     try:
-        define(argv)
-    except UserError as e:
-        fail(prog, str(e).replace("\n", " "))
-    if set(HELP_FLAGS) & set(argv[1:]):
-        from dtf.flags import task_spec
-
-        spec = task_spec(argv)
-        if spec:
-            from dtf.task import module_name
-        print_help(doc or prog, [module_name(spec)] if spec else ())
-        return 0
-    try:
-        rest = flags.FLAGS(argv)
+        return flag_values(list(argv))
     except flags.Error as e:
-        fail(prog, str(e).replace("\n", " "))
-    if flags.FLAGS["verbosity"].value >= 1:
-        logs.set_verbosity("debug")
-    try:
+        raise UserError(str(e)) from None
+
+
+def main(prog: str, define: Callable[[List[str]], None], body: Callable[[List[str]], int], argv=None,
+         doc: str = "") -> int:
+    """Define the flags (`define(argv)`: a --task module's own flags depend on the command line), parse them, run
+    `body(rest_argv)`, all behind the one error path (`guard`)."""
+    argv = list(sys.argv if argv is None else argv)
+    if logs.wants_debug(argv):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+
+    def run() -> int:
+        from absl import flags
+        from absl import logging  # noqa: F401  (defines --verbosity; TensorFlow is not there yet to import it)
+
+        define(argv)
+        if set(HELP_FLAGS) & set(argv[1:]):
+            from dtf.flags import task_spec
+
+            spec = task_spec(argv)
+            if spec:
+                from dtf.task import module_name  # the task module is imported already, and TensorFlow with it
+            print_help(doc or prog, [module_name(spec)] if spec else ())
+            return exitcodes.OK
+        rest = parse_flags(argv)
+        if flags.FLAGS["verbosity"].value >= 1:
+            logs.set_verbosity("debug")
         if len(rest) > 1:
             raise UserError(f"unexpected argument(s) {' '.join(rest[1:])}; flags look like --name=value")
         return body(rest)
-    except UserError as e:
-        fail(prog, str(e).replace("\n", " "))
-    except KeyboardInterrupt:
-        fail(prog, "interrupted", 130)
+
+    return guard(prog, run)

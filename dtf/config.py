@@ -7,10 +7,9 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
-from dtf.data import SHARDINGS
+from dtf.choices import (COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, LR_SCALING_RULES, OPTIMIZERS,
+                         SCHEDULES, SHARDINGS, STRATEGIES)
 from dtf.errors import UserError
-from dtf.scaling import LR_SCALING_RULES, OPTIMIZERS, SCHEDULES
-from dtf.strategy import COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, STRATEGIES
 
 
 def _f(default, group, help, choices=None, lower=None, positive=False, flag=True):

@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import tensorflow as tf
 
 from dtf import datasets
+from dtf.choices import SHARDINGS
 from dtf.datasets import DatasetSplit
 from dtf.datasets.split import count_examples
 from dtf.errors import UserError
@@ -35,8 +36,7 @@ DEFAULT_SHUFFLE_BUFFER = 10_000
 # Epoch seeds are seed * SEED_STRIDE + epoch: distinct for any run shorter than this many epochs.
 SEED_STRIDE = 1_000_003
 GRAPH_SEED = 87654321  # any fixed non-zero value (TF treats a (0, 0) seed pair as "random")
-BATCH_FLAG = "--global_batch_size"
-SHARDINGS = ("auto", "batch")
+BATCH = ("global_batch_size",)  # the argument the batch messages name (the CLI shows it as --global_batch_size)
 
 Source = Union[str, DatasetSplit, tf.data.Dataset, Sequence[str],
                Callable[[tf.distribute.InputContext], tf.data.Dataset]]
@@ -83,16 +83,17 @@ def training_steps(sizes: Sequence[int], global_batch_size: int, num_replicas: i
     per_pipeline = per_replica * (num_replicas // len(sizes))
     total = sum(sizes)
     if total < global_batch_size:
-        raise UserError(f"the training data has {total} examples, fewer than one global batch ({BATCH_FLAG}="
-                        f"{global_batch_size}); lower {BATCH_FLAG} to at most {_largest_batch(total, num_replicas)}")
+        raise UserError(f"the training data has {total} examples, fewer than one global batch (global_batch_size="
+                        f"{global_batch_size}); lower global_batch_size to at most "
+                        f"{_largest_batch(total, num_replicas)}", arguments=BATCH)
     steps = min(sizes) // per_pipeline
     if steps == 0:
         smallest = min(sizes)
         raise UserError(
             f"0 training steps per epoch: input pipeline {sizes.index(smallest)} of {len(sizes)} gets {smallest} "
-            f"examples but one step takes {per_pipeline} from each pipeline ({BATCH_FLAG}={global_batch_size}); lower "
-            f"{BATCH_FLAG} to at most {_largest_batch(smallest * len(sizes), num_replicas)} or split the data into "
-            f"more even shards")
+            f"examples but one step takes {per_pipeline} from each pipeline (global_batch_size={global_batch_size}); "
+            f"lower global_batch_size to at most {_largest_batch(smallest * len(sizes), num_replicas)} or split the "
+            f"data into more even shards", arguments=BATCH)
     return steps
 
 
@@ -199,12 +200,13 @@ def distribute_dataset(
       check equivalence, or to compare runs across cluster sizes), at the cost of every worker reading everything.
     """
     if sharding not in SHARDINGS:
-        raise UserError(f"--input_sharding={sharding!r} is not valid; choose one of: {', '.join(SHARDINGS)}")
+        raise UserError(f"sharding={sharding!r} is not valid; choose one of: {', '.join(SHARDINGS)}",
+                        arguments={"sharding": "input_sharding"})
     source = _resolve(source, split, data_dir, training)
     num_replicas = strategy.num_replicas_in_sync
     per_replica = check_global_batch(global_batch_size, num_replicas)
     if shuffle_buffer < 1:
-        raise UserError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        raise UserError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}", arguments=("shuffle_buffer",))
     if initial_epoch < 0 or initial_step < 0:
         raise UserError(f"initial_epoch ({initial_epoch}) and initial_step ({initial_step}) must be >= 0")
     seed = DEFAULT_SEED if seed is None else seed
@@ -223,8 +225,9 @@ def distribute_dataset(
             steps = training_steps(share.sizes, global_batch_size, num_replicas)
             if steps_per_epoch is not None:
                 if not 0 < steps_per_epoch <= steps:
-                    raise UserError(f"--steps_per_epoch={steps_per_epoch} must be between 1 and {steps} (one pass over "
-                                    f"the data at {BATCH_FLAG}={global_batch_size})")
+                    raise UserError(f"steps_per_epoch={steps_per_epoch} must be between 1 and {steps} (one pass over "
+                                    f"the data at global_batch_size={global_batch_size})",
+                                    arguments=("steps_per_epoch", *BATCH))
                 steps = steps_per_epoch
             if initial_step >= steps:
                 raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")

@@ -86,19 +86,19 @@ def task_spec(argv: Sequence[str], flag_values=FLAGS) -> Optional[str]:
 
 def define_task_flags(argv: Sequence[str], flag_values=FLAGS):
     """Import the --task module named in `argv` before the command line is parsed, which defines its flags."""
-    from dtf import task as task_lib
-
     spec = task_spec(argv, flag_values)
     if spec:
+        from dtf import task as task_lib  # loads TensorFlow: only when there is a task to import
+
         task_lib.resolve(spec)
 
 
 def task_flag_names(config_task: Optional[str], flag_values=FLAGS) -> List[str]:
     """The flags the task's own module defined (absl files flags under the defining module's name)."""
-    from dtf import task as task_lib
-
     if not config_task:
         return []
+    from dtf import task as task_lib
+
     return sorted(f.name for f in flag_values.flags_by_module_dict().get(task_lib.module_name(config_task), []))
 
 

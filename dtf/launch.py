@@ -8,8 +8,12 @@ says which worker died and shows its last lines, and, while --max_restarts allow
 ports; the job resumes from the chief's backup in its model_dir. A worker that could not bind its port is retried
 on fresh ports without using up a restart.
 
-Exit status: the chief's (0 when every worker succeeded); the failed worker's status after the last restart (128+N
-for signal N); 124 when --timeout ran out; 130/143 when the launcher got SIGINT/SIGTERM; 2 for bad input.
+Restarts follow dtf's exit-status table (below): a crash (1, or any unlisted status) restarts the group while
+--max_restarts allows; a preempted worker (143, e.g. one ended by SIGTERM) restarts it without using up a restart; a
+user error (2) or a diverged run (3) is never restarted, since a rerun would fail the same way.
+
+Exit status: the chief's (0 when every worker succeeded); otherwise the failed worker's (128+N for signal N); 124
+when --timeout ran out; 130/143 when the launcher itself got SIGINT/SIGTERM; 2 for bad input to the launcher.
 
 `--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests).
 """
@@ -25,7 +29,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from absl import flags
 
+from dtf import cli
 from dtf import cluster as cluster_lib
+from dtf import exitcodes
 from dtf import manifests
 from dtf import procs
 from dtf.errors import UserError
@@ -53,6 +59,7 @@ HOST = "127.0.0.1"  # local clusters never listen for, or point at, another addr
 PORT_RETRIES = 3
 REPORT_LINES = 20
 TIMEOUT_STATUS = 124
+_NEVER_RESTART_REASON = {exitcodes.USER_ERROR: "user error", exitcodes.DIVERGED: "training diverged"}
 # How a worker says it could not bind its port: TF's gRPC server (measured on TF 2.21), or a plain socket error.
 _PORT_TAKEN = re.compile(r"Could not start gRPC server|Failed to add port to server|Address already in use")
 
@@ -63,10 +70,7 @@ def parse_args(argv: Sequence[str]) -> List[str]:
     split = args.index("--") if "--" in args else len(args)
     flag_args, command = args[:split], args[split + 1:]
     FLAGS.unparse_flags()  # start from the defaults on every call, not from the previous call's values
-    try:
-        extra = FLAGS([argv[0], *flag_args])[1:]
-    except flags.Error as e:
-        raise UserError(str(e).replace("\n", " ")) from None
+    extra = cli.parse_flags([argv[0], *flag_args], FLAGS)[1:]
     if extra:
         raise UserError(f"unexpected argument {extra[0]!r} before '--'; put the command to run after '--', e.g. "
                         "python -m dtf.launch --num_workers=2 -- python train.py")
@@ -174,43 +178,51 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
             port_retries += 1
             log.info("launch: a port was taken; retrying on fresh ports (%d of %d)", port_retries, PORT_RETRIES)
             continue
-        if restarts >= max_restarts:
-            if max_restarts:
-                log.info("launch: giving up after %d restart(s)", restarts)
+        if not exitcodes.should_restart(status):
+            log.info("launch: not restarting: exit status %d (%s) would repeat on a rerun", status,
+                     _NEVER_RESTART_REASON[status])
             return status
         if deadline is not None and time.monotonic() >= deadline:
             log.info("launch: --timeout=%gs ran out; not restarting", timeout_s)
             return TIMEOUT_STATUS
+        if status == exitcodes.PREEMPTED:
+            log.info("launch: preempted (exit status %d); restarting all %d worker(s) on new ports (not counted "
+                     "against --max_restarts)", status, num_workers)
+            continue
+        if restarts >= max_restarts:
+            if max_restarts:
+                log.info("launch: giving up after %d restart(s)", restarts)
+            return status
         restarts += 1
         log.info("launch: restarting all %d worker(s) on new ports (restart %d of %d)", num_workers, restarts,
                  max_restarts)
 
 
 def main(argv: Sequence[str]) -> int:
-    if {"--help", "-h", "--helpfull"} & set(argv[1:argv.index("--") if "--" in argv else None]):
-        print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
-        return 0
-    try:
-        command = parse_args(argv)
-        if FLAGS.emit:
-            job_name = FLAGS.job_name or manifests.DEFAULT_JOB_NAME
-            # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
-            max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
-            if FLAGS.emit == "tfjob":
-                text = manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
-                                       job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout)
-            else:
-                text = manifests.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
-                                        timeout_s=FLAGS.timeout)
-            print(text, end="")
-            return 0
-    except UserError as e:
-        print(f"dtf.launch: error: {e}", file=sys.stderr)
-        return 2
+    return cli.guard("dtf.launch", lambda: _main(argv))
+
+
+def _main(argv: Sequence[str]) -> int:
+    if set(cli.HELP_FLAGS) & set(argv[1:argv.index("--") if "--" in argv else None]):
+        print(__doc__ + "\nFlags:\n" + FLAGS.get_help() + "\n\n" + cli.exit_status_help())
+        return exitcodes.OK
+    command = parse_args(argv)
+    if FLAGS.emit:
+        job_name = FLAGS.job_name or manifests.DEFAULT_JOB_NAME
+        # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
+        max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
+        if FLAGS.emit == "tfjob":
+            text = manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
+                                   job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout)
+        else:
+            text = manifests.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
+                                    timeout_s=FLAGS.timeout)
+        print(text, end="")
+        return exitcodes.OK
     if FLAGS.dry_run:
         print("\n".join(tf_configs(_fresh_hosts(FLAGS.num_workers, []))))
         print(shlex.join(command))
-        return 0
+        return exitcodes.OK
     procs.raise_stopped_on_signals()
     try:
         return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout)

@@ -38,6 +38,17 @@ def silenced_stderr():
         os.close(devnull)
 
 
+def wants_debug(argv) -> bool:
+    """absl's --verbosity (-v) >= 1 shows TensorFlow's own logs; read from argv before TensorFlow is imported."""
+    for i, arg in enumerate(argv):
+        for prefix in ("--verbosity=", "-v="):
+            if arg.startswith(prefix):
+                return arg[len(prefix):].lstrip("-").isdigit() and int(arg[len(prefix):]) >= 1
+        if arg in ("--verbosity", "-v") and i + 1 < len(argv):
+            return argv[i + 1].isdigit() and int(argv[i + 1]) >= 1
+    return False
+
+
 def set_verbosity(level: str):
     """Apply `--verbosity`: 'info' (dtf's lines), 'debug' (dtf + TF's Python logs), 'warning', 'error'."""
     import absl.logging

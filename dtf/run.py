@@ -16,7 +16,9 @@ def _define(argv):
 
 
 def _body(rest):
-    import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
+    from dtf import versions
+
+    versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from dtf import cluster as cluster_lib
     from dtf import flags as dtf_flags
     from dtf.summaries import EPOCH_SCALARS

@@ -12,11 +12,9 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dtf.choices import LR_SCALING_RULES, OPTIMIZERS, SCHEDULES
 from dtf.errors import UserError
 
-LR_SCALING_RULES = ("linear", "sqrt", "none")
-SCHEDULES = ("constant", "cosine", "step", "polynomial")
-OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "lion", "rmsprop")
 
 # Goyal et al. 2017 (and most ImageNet recipes) use SGD with momentum 0.9; Keras's SGD defaults to none.
 DEFAULT_SGD_MOMENTUM = 0.9
@@ -33,6 +31,9 @@ def _pick(name: str, valid: Sequence[str], flag: str) -> str:
 # Batch plan
 
 
+_BATCH_ARGS = ("global_batch_size", "per_replica_batch_size")  # named in messages; the CLI shows them as flags
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
     """How the global batch splits over replicas. Build it with `BatchPlan.create`."""
@@ -46,12 +47,12 @@ class BatchPlan:
         if n < 1:
             raise UserError(f"the strategy has {n} replicas; it needs at least 1")
         if g < n:
-            raise UserError(f"--global_batch_size={g} is smaller than the {n} replicas (each needs at least one "
-                            f"example); use --global_batch_size >= {n}")
+            raise UserError(f"global_batch_size={g} is smaller than the {n} replicas (each needs at least one "
+                            f"example); use global_batch_size >= {n}", arguments=_BATCH_ARGS)
         if g % n:
             low, high = g - g % n, g - g % n + n
-            raise UserError(f"--global_batch_size={g} is not divisible by the {n} replicas; use a multiple of {n} "
-                            f"(e.g. {low} or {high}) or set --per_replica_batch_size instead")
+            raise UserError(f"global_batch_size={g} is not divisible by the {n} replicas; use a multiple of {n} "
+                            f"(e.g. {low} or {high}) or set per_replica_batch_size instead", arguments=_BATCH_ARGS)
         object.__setattr__(self, "per_replica_batch_size", g // n)
 
     @classmethod
@@ -59,12 +60,13 @@ class BatchPlan:
                per_replica_batch_size: Optional[int] = None) -> "BatchPlan":
         """Exactly one of the two sizes; a per-replica size is turned into the global one (the truth)."""
         if (global_batch_size is None) == (per_replica_batch_size is None):
-            raise UserError("give exactly one of --global_batch_size or --per_replica_batch_size, got "
-                            f"--global_batch_size={global_batch_size} "
-                            f"--per_replica_batch_size={per_replica_batch_size}")
+            raise UserError("give exactly one of global_batch_size or per_replica_batch_size, got "
+                            f"global_batch_size={global_batch_size} per_replica_batch_size={per_replica_batch_size}",
+                            arguments=_BATCH_ARGS)
         if per_replica_batch_size is not None:
             if per_replica_batch_size < 1:
-                raise UserError(f"--per_replica_batch_size={per_replica_batch_size} must be >= 1")
+                raise UserError(f"per_replica_batch_size={per_replica_batch_size} must be >= 1",
+                                arguments=_BATCH_ARGS)
             global_batch_size = per_replica_batch_size * num_replicas
         return cls(global_batch_size=global_batch_size, num_replicas=num_replicas)
 
@@ -73,8 +75,8 @@ class BatchPlan:
         g = self.global_batch_size
         steps = num_examples // g if drop_remainder else -(-num_examples // g)
         if steps < 1:
-            raise UserError(f"--global_batch_size={g} gives 0 steps per epoch for a dataset of {num_examples} "
-                            f"examples; use --global_batch_size <= {max(num_examples, 1)}")
+            raise UserError(f"global_batch_size={g} gives 0 steps per epoch for a dataset of {num_examples} "
+                            f"examples; use global_batch_size <= {max(num_examples, 1)}", arguments=_BATCH_ARGS)
         return steps
 
 

@@ -12,17 +12,12 @@ import tensorflow as tf
 
 from dtf import cluster as cluster_lib
 from dtf import keras_compat
+from dtf.choices import COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, STRATEGIES
 from dtf.errors import UserError
 from dtf.logs import get_logger
 
 log = get_logger(__name__)
 
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
-COMMUNICATIONS = ("auto", "ring", "nccl")
-CROSS_DEVICE_OPS = ("nccl", "hierarchical_copy", "reduce_to_one")
-
-# Seconds a multi-worker process waits for every other worker to come up before failing (TF's default is forever).
-DEFAULT_CLUSTER_TIMEOUT_S = 180
 
 
 def _pick(name: str, valid: Sequence[str], what: str) -> str:

@@ -74,7 +74,7 @@ def hparams(config) -> dict:
 
 def write_run_metadata(log_dir: str, config):
     """The resolved flagfile as text and the config as HParams, once, at step 0."""
-    os.makedirs(log_dir, exist_ok=True)
+    tf.io.gfile.makedirs(log_dir)
     with tf.summary.create_file_writer(os.path.join(log_dir, "train")).as_default(step=0):
         tf.summary.text("flags", "```\n" + config.to_flagfile() + "```")
         hparams_api.hparams(hparams(config))

@@ -97,7 +97,9 @@ def _import_module(spec: str, module_part: str):
 
 
 def _import(spec: str, name: str):
-    import dtf  # noqa: F401  (quiet TensorFlow before the task's module imports it)
+    from dtf import versions
+
+    versions.load_tensorflow()  # quiet and version-checked before the task's module imports TensorFlow
 
     try:
         return importlib.import_module(name)

@@ -3,10 +3,8 @@
 `dtf.run` calls `run_experiment`; `dtf.tune` uses `Experiment` piece by piece so that a trial is exactly a run.
 Only the chief writes into `model_dir`; other workers write to private temporary directories (dtf.callbacks).
 """
-import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from typing import List, Optional, Sequence
@@ -14,6 +12,7 @@ from typing import List, Optional, Sequence
 import keras
 import tensorflow as tf
 
+from dtf import atomic
 from dtf import callbacks as callbacks_lib
 from dtf import cluster as cluster_lib
 from dtf import data as data_lib
@@ -22,7 +21,7 @@ from dtf import strategy as strategy_lib
 from dtf import task as task_lib
 from dtf import versions
 from dtf.config import Config
-from dtf.errors import UserError
+from dtf.errors import TrainingDiverged, UserError
 from dtf.logs import get_logger
 from dtf.summaries import TrainingScalars, write_run_metadata
 
@@ -35,10 +34,6 @@ BACKUP_DIR = "backup"
 # EVAL_NOTE: evaluation datasets are finite and read to the end (no `steps`): with `steps` Keras keeps one iterator
 # across validations and the second one finds it empty. Reading to the end makes Keras warn on every validation.
 warnings.filterwarnings("ignore", message="Your input ran out of data")
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN/inf: a bad learning rate or warmup, reported as a user error."""
 
 
 def resolve_cluster(config: Config) -> cluster_lib.ClusterInfo:
@@ -57,23 +52,23 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
 
 
 def check_model_dir(path: str, flag: str = "--model_dir"):
-    """Fail before training if the chief cannot write `path` (nothing is left behind by the check)."""
+    """Fail before training if the chief cannot write `path` (on any TensorFlow filesystem; nothing is left behind)."""
+    probe = os.path.join(path, f".dtf-write-check-{os.getpid()}")
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag}={path} is not writable ({e.strerror}); choose a directory you can write")
+        tf.io.gfile.makedirs(path)
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("")
+        tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        reason = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+        raise UserError(f"{flag}={path} is not writable ({reason}); choose a directory you can write")
 
 
 def read_backup(model_dir: str):
-    """(epoch, steps done in it) of the chief's last backup, or (0, 0)."""
-    path = os.path.join(model_dir, BACKUP_DIR, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0, 0
-    with open(path) as f:
-        meta = json.load(f)
-    return int(meta.get("epoch", 0)), int(meta.get("steps_done", 0))
+    """(epoch, steps done in it) of the chief's last whole backup (falling back to the previous one with a
+    warning, see callbacks.latest_backup), or (0, 0) when there is none."""
+    backup = callbacks_lib.latest_backup(os.path.join(model_dir, BACKUP_DIR))
+    return (backup.epoch, backup.steps_done) if backup else (0, 0)
 
 
 class Experiment:
@@ -227,7 +222,8 @@ class Experiment:
             if key.endswith("loss") and any(not math.isfinite(v) for v in values):
                 raise TrainingDiverged(
                     f"training diverged: {key} became {values[-1]} by epoch {len(values)} at peak LR "
-                    f"{self.peak_lr:g}; lower --base_lr, add --warmup_epochs, or set --global_clipnorm")
+                    f"{self.peak_lr:g}; lower base_lr, add warmup_epochs, or set global_clipnorm",
+                    arguments=("base_lr", "warmup_epochs", "global_clipnorm"))
         return history
 
     def evaluate(self, model: keras.Model) -> dict:
@@ -287,10 +283,9 @@ def _export(config: Config, cluster, model: keras.Model, resolved: Config, summa
     out_dir = callbacks_lib.write_dir(config.model_dir, cluster)
     try:
         if config.export:
-            model.save(os.path.join(out_dir, "model.keras"))
-        with open(os.path.join(out_dir, "flags.txt"), "w") as f:
-            f.write(resolved.to_flagfile())
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=float)
+            with atomic.replacing(os.path.join(out_dir, "model.keras")) as tmp:
+                model.save(tmp)
+        atomic.write_text(os.path.join(out_dir, "flags.txt"), resolved.to_flagfile())
+        atomic.write_json(os.path.join(out_dir, "summary.json"), summary)
     finally:
         callbacks_lib.remove_if_private(out_dir, config.model_dir)

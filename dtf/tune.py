@@ -293,18 +293,32 @@ def _make_hypermodel_class():
     return DtfHyperModel, ObjectiveNotReported
 
 
+# tune_dir I/O goes through tf.io.gfile (any TensorFlow filesystem) and dtf.atomic (readers never see half a file).
+
+
 def _write_info(tune_dir, trial_id, info):
+    import tensorflow as tf
+
+    from dtf import atomic
+
     path = os.path.join(tune_dir, TRIALS_DIR)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, f"{trial_id}.json"), "w") as f:
-        json.dump(info, f, indent=2, default=float)
+    tf.io.gfile.makedirs(path)
+    atomic.write_json(os.path.join(path, f"{trial_id}.json"), info)
+
+
+def _read_json(path: str):
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path) as f:
+        return json.loads(f.read())
 
 
 def _read_info(tune_dir, trial_id) -> dict:
+    import tensorflow as tf
+
     try:
-        with open(os.path.join(tune_dir, TRIALS_DIR, f"{trial_id}.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return _read_json(os.path.join(tune_dir, TRIALS_DIR, f"{trial_id}.json"))
+    except (tf.errors.OpError, ValueError):
         return {}
 
 
@@ -369,10 +383,15 @@ def collect_results(tuner, tune_dir: str, config) -> List[dict]:
 
 
 def write_results(rows: List[dict], tune_dir: str):
-    with open(os.path.join(tune_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    import io
+
+    from dtf import atomic
+
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic.write_text(os.path.join(tune_dir, "results.csv"), text.getvalue())
 
 
 def format_table(rows: List[dict]) -> str:
@@ -396,6 +415,8 @@ def best_row(rows: List[dict], direction: str) -> Optional[dict]:
 
 
 def write_best_flags(best: dict, tune_dir: str, config) -> str:
+    from dtf import atomic
+
     overrides = dict(global_batch_size=int(best["global_batch_size"]), per_replica_batch_size=None,
                      base_lr=float(best["base_lr"]), warmup_epochs=float(best["warmup_epochs"]),
                      lr_scaling=best["lr_scaling"], worker_hosts=None, task_index=None,
@@ -404,15 +425,16 @@ def write_best_flags(best: dict, tune_dir: str, config) -> str:
         overrides["warmup_steps"] = None
     best_config = config.replace(**overrides)
     path = os.path.join(tune_dir, "best.flags")
-    with open(path, "w") as f:
-        f.write(f"# dtf.tune best trial {best['trial']}: {best['objective']} "
-                f"(train it: python -m dtf.run --flagfile={path})\n")
-        f.write(best_config.to_flagfile())
+    atomic.write_text(path, f"# dtf.tune best trial {best['trial']}: {best['objective']} "
+                            f"(train it: python -m dtf.run --flagfile={path})\n" + best_config.to_flagfile())
     return path
 
 
 def plot(rows: List[dict], tune_dir: str, objective: str) -> Optional[str]:
     import matplotlib
+    import tensorflow as tf
+
+    from dtf import atomic
 
     matplotlib.use("Agg")
     import matplotlib.colors as mcolors
@@ -432,7 +454,8 @@ def plot(rows: List[dict], tune_dir: str, objective: str) -> Optional[str]:
     ax.set_title(f"dtf.tune: {len(done)} completed of {len(rows)} trials")
     fig.tight_layout()
     path = os.path.join(tune_dir, "objective_vs_batch.png")
-    fig.savefig(path, dpi=80)
+    with atomic.replacing(path) as tmp, tf.io.gfile.GFile(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
     return path
 
@@ -440,18 +463,18 @@ def plot(rows: List[dict], tune_dir: str, objective: str) -> Optional[str]:
 def _check_signature(tune_dir: str, signature: dict, write: bool):
     from dtf.errors import UserError
 
+    import tensorflow as tf
+
+    from dtf import atomic
+
     sig_path = os.path.join(tune_dir, SPACE_FILE)
-    if os.path.exists(sig_path):
-        with open(sig_path) as f:
-            old = json.load(f)
+    if tf.io.gfile.exists(sig_path):
+        old = _read_json(sig_path)
         if old != json.loads(json.dumps(signature)):
             raise UserError(f"--tune_dir={tune_dir} holds a sweep with a different space/tuner/objective "
                             f"({old}); use a new --tune_dir to start another sweep")
     elif write:
-        tmp = f"{sig_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(signature, f, indent=2)
-        os.replace(tmp, sig_path)  # atomic: another process never reads half a file
+        atomic.write_json(sig_path, signature)  # another process never reads half a file
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -483,7 +506,9 @@ def _body(rest):
             print(f"dtf.tune: got {signal.Signals(stop.signum).name}; stopped all processes", file=sys.stderr)
             return 128 + stop.signum
 
-    import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
+    from dtf import versions
+
+    versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from dtf import flags as dtf_flags
     from dtf import task as task_lib
     from dtf import train

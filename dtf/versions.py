@@ -1,8 +1,11 @@
-"""Supported TensorFlow/Keras versions, checked at import.
+"""Supported TensorFlow/Keras versions, checked when dtf first loads TensorFlow (`load_tensorflow`).
 
 `dtf.keras_compat` patches private Keras internals, so dtf refuses to run on versions it was not tested on rather
 than patch blindly. Widen these ranges only after the equivalence tests pass on the new version (BUILD_NOTES.md).
 """
+import os
+import sys
+
 from dtf.errors import UserError
 
 TENSORFLOW_RANGE = ((2, 21), (2, 22))  # [min, max)
@@ -36,6 +39,24 @@ def check_versions(tf_version: str, keras_version: str):
             "dtf does not support " + " and ".join(problems)
             + "; install the supported versions with `pip install -e .` (see BUILD_NOTES.md)"
         )
+
+
+def load_tensorflow():
+    """Import TensorFlow and Keras the dtf way: TF's C++ logs quiet (unless `--verbosity=1` is on the command line),
+    its load-time banners hidden, the versions checked (UserError outside the tested range), and dtf's LR schedules
+    registered so saved dtf models load. Cheap after the first call."""
+    from dtf import logs
+
+    if logs.wants_debug(sys.argv):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    logs.quiet_tensorflow()
+    with logs.silenced_stderr():
+        import tensorflow
+    import keras
+
+    check_versions(tensorflow.__version__, keras.__version__)
+    import dtf.losses  # noqa: F401  (registers ReplicaMean with Keras's deserializer)
+    import dtf.scaling  # noqa: F401  (registers dtf's LR schedules with Keras's deserializer)
 
 
 def versions() -> dict:

@@ -94,14 +94,16 @@ def test_global_batch_must_split_over_replicas(global_batch, replicas, numbers):
     with pytest.raises(UserError) as e:
         data.distribute_dataset(PipelineStrategy(1, replicas), tf.data.Dataset.range(64), global_batch)
     message = str(e.value)
-    assert "\n" not in message and "--global_batch_size" in message
+    assert "\n" not in message and "global_batch_size" in message and "--" not in message
+    assert "--global_batch_size" in e.value.as_flags()
     assert all(n in message for n in numbers), message
 
 
 def test_training_data_smaller_than_one_global_batch():
-    with pytest.raises(UserError, match=r"has 10 examples, fewer than one global batch \(--global_batch_size=16\); "
-                                        r"lower --global_batch_size to at most 8"):
+    with pytest.raises(UserError, match=r"has 10 examples, fewer than one global batch \(global_batch_size=16\); "
+                                        r"lower global_batch_size to at most 8") as e:
         data.distribute_dataset(PipelineStrategy(1, 4), tf.data.Dataset.range(10), 16)
+    assert "(--global_batch_size=16); lower --global_batch_size to at most 8" in e.value.as_flags()
 
 
 def test_zero_steps_when_a_pipeline_cannot_fill_one_step(tmp_path):
@@ -112,7 +114,8 @@ def test_zero_steps_when_a_pipeline_cannot_fill_one_step(tmp_path):
     message = str(e.value)
     assert "\n" not in message and message.startswith("0 training steps per epoch")
     assert "pipeline 1 of 2 gets 2 examples" in message and "takes 4" in message
-    assert "--global_batch_size=8" in message and "--global_batch_size to at most 4" in message
+    assert "global_batch_size=8" in message and "global_batch_size to at most 4" in message
+    assert "(--global_batch_size=8); lower --global_batch_size to at most 4" in e.value.as_flags()
 
 
 def test_evaluation_of_nothing_and_bad_options():
@@ -187,7 +190,7 @@ def test_share_sizes_and_shorter_epochs(id_files):
     d = data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, steps_per_epoch=2)
     first, second = [batches(d.dataset[0], 4)[i:i + 2] for i in (0, 2)]
     assert d.steps_per_epoch == 2 and first != second
-    with pytest.raises(UserError, match="--steps_per_epoch=6 must be between 1 and 5"):
+    with pytest.raises(UserError, match="^steps_per_epoch=6 must be between 1 and 5"):
         data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, steps_per_epoch=6)
 
 

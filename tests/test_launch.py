@@ -193,7 +193,7 @@ if task == 0:
 time.sleep(1)
 for i in range(30):
     print("worker line", i)
-sys.exit(3)
+sys.exit(5)  # a crash: restarted while --max_restarts allows
 """
 
 
@@ -201,11 +201,11 @@ def test_failed_worker_stops_the_others_and_is_reported(start_launcher, tmp_path
     job = _script(tmp_path, "job.py", STUBBORN_CHIEF_FAILING_WORKER)
     began = time.monotonic()
     launcher = start_launcher("--num_workers=2", "--max_restarts=1", "--", sys.executable, job)
-    assert launcher.wait(60) == 3  # the failed worker's exit code, after the one restart
+    assert launcher.wait(60) == 5  # the failed worker's exit code, after the one restart
     elapsed = time.monotonic() - began
     out = launcher.output
     # Reported twice (one per start): who died, how, and its last lines.
-    assert len(re.findall(r"launch: worker 1 \(pid \d+, 127\.0\.0\.1:\d+\) died: exit code 3; "
+    assert len(re.findall(r"launch: worker 1 \(pid \d+, 127\.0\.0\.1:\d+\) died: exit code 5; "
                           r"stopped the others in \d+\.\d+s", out)) == 2
     assert "  | worker line 29" in out and "  | worker line 9" not in out  # the last 20 lines
     stop_s = [float(s) for s in re.findall(r"stopped the others in (\d+\.\d+)s", out)]
@@ -244,6 +244,54 @@ def test_signal_to_the_launcher_stops_everyone(start_launcher, tmp_path, sig, st
     assert f"got {sig.name}; stopped all workers" in launcher.output
     assert len(launcher.workers) == 2, launcher.output
     assert launcher.leftovers() == []
+
+
+# Worker 1 exits with STATUSES[start] on its start-th start (then 0); the chief waits for the group to stop it.
+EXITS_BY_START = """
+import json, os, sys, time
+statuses = [int(s) for s in sys.argv[1].split(",")]
+start = int(os.environ["DTF_LAUNCH_RESTART"])
+if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1:
+    sys.exit(statuses[start] if start < len(statuses) else 0)
+time.sleep(0 if start >= len(statuses) else 60)
+"""
+
+
+def _starts(err: str) -> int:
+    return len(re.findall(r"launch: starting 2 worker\(s\)", err))
+
+
+@pytest.mark.parametrize("status, reason", [(2, "user error"), (3, "training diverged")])
+def test_user_error_and_divergence_are_never_restarted(tmp_path, capfd, status, reason):
+    job = _script(tmp_path, "exits.py", EXITS_BY_START)
+    assert launch.launch([sys.executable, job, str(status)], 2, max_restarts=3, timeout_s=60) == status
+    err = capfd.readouterr().err
+    assert _starts(err) == 1, err
+    assert f"not restarting: exit status {status} ({reason}) would repeat on a rerun" in err
+
+
+def test_crash_restarts_up_to_max_restarts_and_preemption_does_not_count(tmp_path, capfd):
+    job = _script(tmp_path, "exits.py", EXITS_BY_START)
+    # 143, 1, 143, 1: two crashes use up --max_restarts=2, the two preemptions are free; the fifth start succeeds.
+    assert launch.launch([sys.executable, job, "143,1,143,1"], 2, max_restarts=2, timeout_s=90) == 0
+    err = capfd.readouterr().err
+    assert _starts(err) == 5, err
+    assert err.count("not counted against --max_restarts") == 2
+    assert "(restart 2 of 2)" in err and "finished" in err and "(2 restart(s))" in err
+    # One more crash than --max_restarts allows: the crash status comes back.
+    assert launch.launch([sys.executable, job, "1,1"], 2, max_restarts=1, timeout_s=60) == 1
+    assert "giving up after 1 restart(s)" in capfd.readouterr().err
+
+
+def test_typo_flag_under_max_restarts_runs_once_and_exits_2(tmp_path):
+    """The real runner: a misspelt flag fails at parse time (no TensorFlow), once, whatever --max_restarts says."""
+    proc = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=2", "--max_restarts=3", "--",
+                           sys.executable, "-m", "dtf.run", "--epochs_typo=3", f"--model_dir={tmp_path / 'run'}"],
+                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(re.findall(r"launch: starting 2 worker\(s\)", proc.stderr)) == 1, proc.stderr
+    assert "Unknown command line flag 'epochs_typo'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # Binds its own port on all interfaces, as TF's gRPC server does, and reports failure the same way.
@@ -425,3 +473,17 @@ def test_dtf_run_resumes_mid_epoch_after_a_sigkill(start_launcher, tmp_path):
     print(f"dtf.run: resumed at epoch 2 step {resumed.group(1)}; max |Δw| vs uninterrupted = {diff:.2e}")
     assert diff < 1e-5
     assert killed.leftovers() == [] and reference.leftovers() == []
+
+
+@pytest.mark.slow
+def test_diverged_run_under_the_launcher_exits_3_and_is_not_restarted(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=1", "--max_restarts=2", "--timeout=300",
+                           "--", sys.executable, "-m", "dtf.run", "--dataset=synthetic/8x8x1", "--model=mlp",
+                           "--strategy=one_device", "--num_cpu_devices=1", "--base_lr=1e6", "--optimizer=sgd",
+                           "--epochs=1", "--steps_per_epoch=5", "--lr_schedule=constant",
+                           f"--model_dir={tmp_path / 'run'}"],
+                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=320)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert len(re.findall(r"launch: starting 1 worker\(s\)", proc.stderr)) == 1, proc.stderr
+    assert "not restarting: exit status 3 (training diverged)" in proc.stderr
+    assert "dtf.run: error: training diverged" in proc.stdout + proc.stderr

@@ -365,11 +365,20 @@ ERROR_CASES = {
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_user_errors_name_the_flag(case):
+    """On the command line (`as_flags`, what dtf.cli prints) every message names the flag."""
     fn, flag = ERROR_CASES[case]
     with pytest.raises(UserError) as err:
         fn()
-    message = str(err.value)
+    message = err.value.as_flags()
     assert flag in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("case", [c for c in sorted(ERROR_CASES) if c.startswith("plan")])
+def test_batch_plan_errors_name_the_python_argument(case):
+    fn, flag = ERROR_CASES[case]
+    with pytest.raises(UserError) as err:
+        fn()
+    assert flag[2:] in str(err.value) and "--" not in str(err.value), str(err.value)
 
 
 def test_error_messages_give_the_fix():

@@ -1,0 +1,48 @@
+"""Write-then-rename for every file dtf writes for resume or results, on any TensorFlow filesystem (`tf.io.gfile`:
+local, gs://, s3:// and hdfs:// through plugins, ram://).
+
+A reader sees either the old file or the whole new one, never a partial write: the data goes to a temporary name
+next to the target (same directory, so the rename stays on one filesystem) and is renamed over it at the end. On a
+local filesystem the rename is atomic (POSIX `rename`); an object store such as GCS publishes an object only once its
+upload completes, and its rename is a copy of the finished object, so a reader still never sees half a file.
+"""
+import contextlib
+import json
+import os
+import uuid
+
+import tensorflow as tf
+
+
+def _temporary_name(path: str) -> str:
+    """A unique hidden name next to `path` that keeps its suffix (Keras insists on `.keras` / `.weights.h5`)."""
+    head, base = os.path.split(path)
+    return os.path.join(head, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{base}")
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """Yield a temporary path to write in full; on success it replaces `path`, on failure it is removed."""
+    tmp = _temporary_name(path)
+    try:
+        yield tmp
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if tf.io.gfile.exists(tmp):
+                tf.io.gfile.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str):
+    with replacing(path) as tmp, tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str, obj):
+    write_text(path, json.dumps(obj, indent=2, default=float))
+
+
+def is_temporary(name: str) -> bool:
+    """True for a leftover of a write that was killed before its rename (safe to delete)."""
+    return os.path.basename(name).startswith(".tmp-")
