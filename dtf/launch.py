@@ -28,6 +28,7 @@ from absl import flags
 from dtf import cluster as cluster_lib
 from dtf import manifests
 from dtf import procs
+from dtf import slurm
 from dtf.errors import UserError
 from dtf.logs import get_logger
 
@@ -48,6 +49,17 @@ flags.DEFINE_string("image", None, f"Container image for --emit=tfjob (default {
                     flag_values=FLAGS)
 flags.DEFINE_string("job_name", None, f"Job name for --emit (default {manifests.DEFAULT_JOB_NAME}).",
                     flag_values=FLAGS)
+# --emit=slurm only (see dtf.slurm for the layout and restart rules).
+flags.DEFINE_integer("nodes", None, "--emit=slurm: nodes (default: one task per node, so --num_workers).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("tasks_per_node", None, "--emit=slurm: workers per node (default 1: one worker drives all of "
+                     "a node's GPUs).", flag_values=FLAGS)
+flags.DEFINE_string("gres", None, "--emit=slurm: generic resources per node, e.g. gpu:4.", flag_values=FLAGS)
+flags.DEFINE_string("time", None, "--emit=slurm: Slurm time limit, e.g. 90 or 1:30:00 (or give --timeout seconds).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("partition", None, "--emit=slurm: Slurm partition.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "--emit=slurm: the job's log file, e.g. logs/%x-%j.out.", flag_values=FLAGS)
+SLURM_FLAGS = ("nodes", "tasks_per_node", "gres", "time", "partition", "output")
 
 HOST = "127.0.0.1"  # local clusters never listen for, or point at, another address
 PORT_RETRIES = 3
@@ -84,6 +96,9 @@ def parse_args(argv: Sequence[str]) -> List[str]:
         raise UserError("--emit and --dry_run both print instead of running; use one of them")
     if FLAGS.image is not None and FLAGS.emit != "tfjob":
         raise UserError("--image only applies to --emit=tfjob; remove it or add --emit=tfjob")
+    for name in SLURM_FLAGS:
+        if FLAGS[name].value is not None and FLAGS.emit != "slurm":
+            raise UserError(f"--{name} only applies to --emit=slurm; remove it or add --emit=slurm")
     if FLAGS.job_name is not None and not FLAGS.emit:
         raise UserError("--job_name only applies with --emit=tfjob|slurm; remove it or add --emit")
     if not command:
@@ -186,6 +201,18 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
                  max_restarts)
 
 
+def emit(command: Sequence[str]) -> str:
+    """The --emit manifest for `command`, from the parsed FLAGS."""
+    job_name = FLAGS.job_name or manifests.DEFAULT_JOB_NAME
+    # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
+    max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
+    if FLAGS.emit == "tfjob":
+        return manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
+                               job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout)
+    return slurm.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
+                        timeout_s=FLAGS.timeout, **{name: FLAGS[name].value for name in SLURM_FLAGS})
+
+
 def main(argv: Sequence[str]) -> int:
     if {"--help", "-h", "--helpfull"} & set(argv[1:argv.index("--") if "--" in argv else None]):
         print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
@@ -193,16 +220,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         command = parse_args(argv)
         if FLAGS.emit:
-            job_name = FLAGS.job_name or manifests.DEFAULT_JOB_NAME
-            # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
-            max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
-            if FLAGS.emit == "tfjob":
-                text = manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
-                                       job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout)
-            else:
-                text = manifests.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
-                                        timeout_s=FLAGS.timeout)
-            print(text, end="")
+            print(emit(command), end="")
             return 0
     except UserError as e:
         print(f"dtf.launch: error: {e}", file=sys.stderr)

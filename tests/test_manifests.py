@@ -1,8 +1,11 @@
-"""Cluster manifests: the TFJob YAML the Training Operator needs, an sbatch script that bash accepts and that runs the
-command with the right TF_CONFIG (checked with a fake `srun`), and TF_CONFIG from a Slurm task's environment."""
+"""Cluster manifests: the TFJob YAML the Training Operator needs; the sbatch script's layout, resources and rerun
+rules (run by bash with a fake `srun`/`scontrol`; tests/test_slurm.py runs it on a real Slurm); TF_CONFIG and ports
+from a Slurm task's environment."""
 import json
 import os
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -10,7 +13,7 @@ import pytest
 import yaml
 
 from dtf import launch
-from dtf import cluster, manifests
+from dtf import cluster, manifests, slurm, slurm_task
 from dtf.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,92 +64,215 @@ def _bash_n(script: str, tmp_path):
     return path
 
 
-def test_sbatch_for_dtf_run_lets_the_runner_resolve_slurm(capsys, tmp_path):
-    script = _emit(capsys, "--emit=slurm", "--num_workers=4", "--max_restarts=2", "--timeout=5400", "--", *RUN)
+def _srun_line(script: str):
+    [srun] = [line.strip() for line in script.splitlines() if line.strip().startswith("srun ")]
+    return shlex.split(srun)
+
+
+def test_sbatch_layout_resources_and_labelled_tasks(capsys, tmp_path):
+    script = _emit(capsys, "--emit=slurm", "--num_workers=8", "--nodes=2", "--tasks_per_node=4", "--gres=gpu:4",
+                   "--time=1:30:00", "--partition=gpu", "--output=logs/%x-%j.out", "--max_restarts=2", "--", *RUN)
     _bash_n(script, tmp_path)
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
-    for directive in ("--nodes=4", "--ntasks-per-node=1", "--time=90", "--job-name=dtf-job"):
-        assert f"#SBATCH {directive}" in lines
-    [srun] = [line.strip() for line in lines if line.strip().startswith("srun ")]
-    assert shlex.split(srun)[-len(RUN) - 1:] == RUN[:3] + ["--cluster_resolver=slurm"] + RUN[3:]
-    assert "TF_CONFIG" not in script
-    assert "$(seq 0 2)" in script
+    directives = [line.split(" ", 1)[1] for line in lines if line.startswith("#SBATCH ")]
+    assert directives == ["--job-name=dtf-job", "--nodes=2", "--ntasks-per-node=4", "--gres=gpu:4", "--time=1:30:00",
+                          "--partition=gpu", "--output=logs/%x-%j.out", "--requeue", "--open-mode=append",
+                          "--signal=TERM@120"]
+    srun = _srun_line(script)
+    assert srun[:6] == ["srun", "--nodes=2", "--ntasks-per-node=4", "--label", "--kill-on-bad-exit=1",
+                        "--gpu-bind=per_task:1"]  # 4 GPUs shared by 4 tasks: one each
+    assert srun[6:] == ["python", "-m", "dtf.slurm_task", "--", *RUN]  # the command unchanged
+    assert "max_restarts=2" in lines
 
 
-def test_sbatch_keeps_a_users_cluster_resolver_flag():
-    command = RUN + ["--cluster_resolver=slurm"]
-    assert manifests.sbatch(command, 2).count("--cluster_resolver") == 1
+def test_sbatch_defaults_to_one_task_per_node(capsys):
+    script = _emit(capsys, "--emit=slurm", "--num_workers=3", "--gres=gpu:8", "--timeout=300", "--", *RUN)
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "#SBATCH --time=5" in script
+    assert "--signal" not in script  # a 5-minute job is not signalled 2 minutes before its end
+    assert not any(a.startswith("--gpu-bind") for a in _srun_line(script))  # one task drives all 8 GPUs
 
 
+@pytest.mark.parametrize("args, flag", [
+    (["--num_workers=4", "--nodes=3"], "--nodes"),
+    (["--num_workers=4", "--tasks_per_node=3"], "--tasks_per_node"),
+    (["--num_workers=4", "--nodes=2", "--tasks_per_node=1"], "--num_workers=4"),
+    (["--num_workers=2", "--nodes=0"], "--nodes"),
+    (["--num_workers=40", "--tasks_per_node=40"], "--tasks_per_node=40"),
+    (["--num_workers=4", "--tasks_per_node=4", "--gres=gpu:6"], "--gres=gpu:6"),
+    (["--num_workers=2", "--gres=gpu 4"], "--gres"),
+    (["--num_workers=2", "--time=1h"], "--time=1h"),
+    (["--num_workers=2", "--time=0"], "--time=0"),
+    (["--num_workers=2", "--time=60", "--timeout=60"], "--timeout"),
+    (["--num_workers=2", "--partition=a b"], "--partition"),
+    (["--num_workers=2", "--output= "], "--output"),
+])
+def test_bad_slurm_options_are_one_line_and_exit_2(capsys, args, flag):
+    assert launch.main(["dtf.launch", "--emit=slurm", *args, "--", "python", "train.py"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("dtf.launch: error: "), err
+    assert flag in err
+
+
+@pytest.mark.parametrize("flag", ["--nodes=2", "--tasks_per_node=1", "--gres=gpu:1", "--time=10", "--partition=p",
+                                  "--output=x.log"])
+def test_slurm_options_need_emit_slurm(capsys, flag):
+    assert launch.main(["dtf.launch", "--num_workers=2", "--emit=tfjob", flag, "--", "python", "train.py"]) == 2
+    assert "only applies to --emit=slurm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 5400), ("5:30", 330), ("1:30:00", 5400), ("2-00", 172800),
+                                           ("2-01:30", 178200), ("1-00:00:30", 86430)])
+def test_slurm_time_formats(text, seconds):
+    assert slurm.parse_time(text) == seconds
+
+
+# A fake srun: runs one task (rank $FAKE_RANK of a 2-task step on node9,node10) with the job's environment, after
+# printing the start count; its exit status for each start comes from $FAKE_STATUSES ("1 143 0": start 0 exits 1...).
 FAKE_SRUN = """#!/bin/bash
-# One task of a 2-node step on node9 and node10 (as rank 1); the first attempt fails like a crashed task.
 while [[ "$1" == --* ]]; do shift; done
-echo "srun attempt $DTF_LAUNCH_RESTART"
-[ "$DTF_LAUNCH_RESTART" = 0 ] && exit 1
-SLURM_PROCID=1 SLURM_STEP_NODELIST='node[9-10]' SLURM_STEP_TASKS_PER_NODE='1(x2)' exec "$@"
+echo "srun start $DTF_LAUNCH_RESTART"
+statuses=($FAKE_STATUSES)
+status=${statuses[$DTF_LAUNCH_RESTART]:-0}
+[ "$status" != 0 ] && exit "$status"
+SLURM_JOB_ID=77 SLURM_PROCID=1 SLURM_STEP_NODELIST='node[9-10]' SLURM_STEP_TASKS_PER_NODE='1(x2)' exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*"
+exit ${FAKE_REQUEUE_STATUS:-0}
 """
 
 
-def test_sbatch_runs_any_command_with_tf_config_from_slurm_and_retries(tmp_path):
-    """Runs the generated script with a fake srun: the quoting survives, the failed step is rerun with
-    DTF_LAUNCH_RESTART=1, and the command sees the TF_CONFIG of rank 1."""
+def _run_script(tmp_path, command, statuses, max_restarts, requeue_status=0):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(FAKE_SRUN)
-    (bin_dir / "srun").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    if not (bin_dir / "python").exists():
+        (bin_dir / "python").symlink_to(sys.executable)
+    path = _bash_n(slurm.sbatch(command, 2, job_name="t", max_restarts=max_restarts), tmp_path)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=REPO, SLURM_JOB_ID="77",
+               FAKE_STATUSES=" ".join(map(str, statuses)), FAKE_REQUEUE_STATUS=str(requeue_status))
+    env.pop("SLURM_RESTART_COUNT", None)
+    return subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_sbatch_reruns_a_crash_and_runs_any_command_with_tf_config(tmp_path):
+    """The quoting survives, the crashed step is rerun (DTF_LAUNCH_RESTART=1, on other ports), and the command
+    sees the TF_CONFIG of rank 1."""
     command = ["python", "-c", "import os, sys; print('ARGS', sys.argv[1:]); print('TF_CONFIG', "
-               "os.environ['TF_CONFIG']); print('RESTART', os.environ['DTF_LAUNCH_RESTART'])", "it's", "a b"]
-    path = _bash_n(manifests.sbatch(command, 2, max_restarts=1), tmp_path)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=REPO)
-    proc = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=60)
+               "os.environ['TF_CONFIG'])", "it's", "a b"]
+    proc = _run_script(tmp_path, command, [1], max_restarts=1)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout.splitlines()
-    assert out[:2] == ["srun attempt 0", "srun attempt 1"]
-    assert "srun step failed with status 1 (attempt 0)" in proc.stderr
+    assert out[:2] == ["srun start 0", "srun start 1"]
+    assert "dtf: step failed with status 1; rerunning (restart 1 of 1)" in proc.stderr
     assert out[2] == "ARGS " + repr(["it's", "a b"])
-    tf_config = json.loads(out[3].split(" ", 1)[1])
-    assert tf_config == {"cluster": {"worker": ["node9:8888", "node10:8888"]}, "task": {"type": "worker", "index": 1}}
-    assert out[4] == "RESTART 1"
+    port = cluster.slurm_port({"SLURM_JOB_ID": "77", "DTF_LAUNCH_RESTART": "1"})
+    assert json.loads(out[3].split(" ", 1)[1]) == {"cluster": {"worker": [f"node9:{port}", f"node10:{port}"]},
+                                                   "task": {"type": "worker", "index": 1}}
+
+
+@pytest.mark.parametrize("status", [2, 3])
+def test_sbatch_never_reruns_a_user_error_or_divergence(tmp_path, status):
+    proc = _run_script(tmp_path, ["python", "train.py"], [status], max_restarts=5)
+    assert proc.returncode == status
+    assert proc.stdout.splitlines() == ["srun start 0"]
+    assert f"step exited with status {status} (user error or diverged); not rerunning" in proc.stderr
 
 
 def test_sbatch_gives_up_after_max_restarts(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/bash\nexit 7\n")
-    (bin_dir / "srun").chmod(0o755)
-    path = _bash_n(manifests.sbatch(["python", "train.py"], 2, max_restarts=2), tmp_path)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=30)
+    proc = _run_script(tmp_path, ["python", "train.py"], [7, 7, 7, 7], max_restarts=2)
     assert proc.returncode == 7
-    assert proc.stderr.count("srun step failed with status 7") == 3
+    assert proc.stderr.count("dtf: step failed with status 7") == 3 and "giving up after 2 restart(s)" in proc.stderr
+
+
+def test_sbatch_requeues_a_preempted_job_or_reruns_it_uncounted(tmp_path):
+    proc = _run_script(tmp_path, ["python", "train.py"], [143], max_restarts=0)
+    assert proc.returncode == 143 and "scontrol requeue 77" in proc.stdout
+    # Requeue refused (e.g. the cluster forbids it): rerun here, not counted against --max_restarts=0.
+    proc = _run_script(tmp_path, ["python", "-c", "print('done')"], [143, 143], max_restarts=0, requeue_status=1)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("scontrol requeue 77") == 2 and proc.stdout.splitlines()[-1] == "done"
+    assert proc.stderr.count("requeue failed; rerunning the step here (not counted as a restart)") == 2
 
 
 def test_slurm_tf_config_follows_the_rank_order_of_the_node_list():
-    env = {"SLURM_PROCID": "3", "SLURM_STEP_NODELIST": "gpu[09-10],cpu1", "SLURM_STEP_TASKS_PER_NODE": "2(x2),1"}
+    env = {"SLURM_PROCID": "3", "SLURM_STEP_NODELIST": "gpu[09-10],cpu1", "SLURM_STEP_TASKS_PER_NODE": "2(x2),1",
+           "SLURM_JOB_ID": "5"}
+    p = cluster.slurm_port(env)
     config = json.loads(cluster.slurm_tf_config(env))
-    assert config == {"cluster": {"worker": ["gpu09:8888", "gpu09:8889", "gpu10:8888", "gpu10:8889", "cpu1:8888"]},
-                      "task": {"type": "worker", "index": 3}}
+    assert config == {"cluster": {"worker": [f"gpu09:{p}", f"gpu09:{p + 1}", f"gpu10:{p}", f"gpu10:{p + 1}",
+                                             f"cpu1:{p}"]}, "task": {"type": "worker", "index": 3}}
     job_env = {"SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_TASKS_PER_NODE": "1"}
     assert json.loads(cluster.slurm_tf_config(job_env, port=2222))["cluster"] == {"worker": ["n1:2222"]}
+
+
+def test_slurm_ports_differ_between_jobs_and_starts():
+    ports = {cluster.slurm_port({"SLURM_JOB_ID": str(job), "DTF_LAUNCH_RESTART": str(start),
+                                 "SLURM_RESTART_COUNT": str(requeue)})
+             for job in range(1000, 1100) for start in range(3) for requeue in range(2)}
+    assert len(ports) == 600  # no two (job, start, requeue) of 100 neighbouring jobs share a port block
+    assert all(cluster.SLURM_PORT_LOW <= p and p + cluster.SLURM_PORT_STRIDE <= 32768 for p in ports)
+    assert cluster.slurm_port({"SLURM_JOB_ID": "1", "DTF_SLURM_PORT": "40000"}) == 40000
+    with pytest.raises(UserError, match="DTF_SLURM_PORT=80"):
+        cluster.slurm_port({"SLURM_JOB_ID": "1", "DTF_SLURM_PORT": "80"})
+
+
+HOSTLISTS = ["n1", "gpu[09-10],cpu1", "x-[001-003],y[1,3-4]", "rack[1-2]-n[1,3]", "node[9-11]"]
+
+
+@pytest.mark.parametrize("hostlist", HOSTLISTS)
+def test_hostlist_expands_as_slurm_does(hostlist, tmp_path):
+    """Our parser against Slurm's own (`scontrol show hostnames` needs a config file but no running cluster)."""
+    if shutil.which("scontrol") is None:
+        pytest.skip("scontrol not installed (apt-get install slurm-client)")
+    (tmp_path / "slurm.conf").write_text("ClusterName=x\nSlurmctldHost=localhost\n")
+    expected = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True, timeout=30,
+                              check=True, env=dict(os.environ, SLURM_CONF=str(tmp_path / "slurm.conf"))).stdout.split()
+    assert cluster.expand_hostlist(hostlist) == expected
+
+
+def test_hostlist_and_tasks_per_node_parsing():
+    assert cluster.expand_hostlist("node[9-11]") == ["node9", "node10", "node11"]
+    assert cluster.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    for bad in ("n[1-", "n[a-b]", "a,,b"):
+        with pytest.raises(UserError, match="host list"):
+            cluster.expand_hostlist(bad)
 
 
 @pytest.mark.parametrize("env, message", [
     ({}, "SLURM_PROCID"),
     ({"SLURM_PROCID": "0", "SLURM_STEP_TASKS_PER_NODE": "1"}, "SLURM_STEP_NODELIST"),
-    ({"SLURM_PROCID": "2", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}, "outside"),
+    ({"SLURM_PROCID": "2", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+      "SLURM_JOB_ID": "3"}, "outside"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "n1", "SLURM_STEP_TASKS_PER_NODE": "1"}, "SLURM_JOB_ID"),
 ])
 def test_slurm_tf_config_outside_a_step_says_so(env, message):
     with pytest.raises(UserError, match=message):
         cluster.slurm_tf_config(env)
 
 
-def test_manifests_cli_errors_are_one_line(capsys, monkeypatch):
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
-    assert manifests.main(["dtf.manifests", "slurm_tf_config"]) == 2
-    assert manifests.main(["dtf.manifests"]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and all(line.startswith("dtf.manifests: error: ") for line in err)
-    assert "srun" in err[0]
+def test_slurm_task_errors_are_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = REPO
+    for args in (["--", "true"], []):
+        proc = subprocess.run([sys.executable, "-m", "dtf.slurm_task", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2
+        assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("dtf.slurm_task: error: ")
+
+
+def test_slurm_task_reports_a_taken_port_by_number():
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "localhost",
+               "SLURM_STEP_TASKS_PER_NODE": "1", "DTF_SLURM_PORT": str(port)}
+        with pytest.raises(slurm_task.PortTaken) as taken:
+            slurm_task.task_tf_config(env)
+    assert taken.value.args == (port, "localhost")
+    assert json.loads(slurm_task.task_tf_config(env))["cluster"] == {"worker": [f"localhost:{port}"]}  # free now
