@@ -60,6 +60,17 @@ flags.DEFINE_string("time", None, "--emit=slurm: Slurm time limit, e.g. 90 or 1:
 flags.DEFINE_string("partition", None, "--emit=slurm: Slurm partition.", flag_values=FLAGS)
 flags.DEFINE_string("output", None, "--emit=slurm: the job's log file, e.g. logs/%x-%j.out.", flag_values=FLAGS)
 SLURM_FLAGS = ("nodes", "tasks_per_node", "gres", "time", "partition", "output")
+# --emit=tfjob only (see dtf.manifests).
+flags.DEFINE_string("evaluator", None, "--emit=tfjob: add an Evaluator pod running this command (one string, "
+                    "shell-quoted), outside the training cluster, e.g. 'python eval.py --model_dir=/shared/run1'.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("gpus_per_worker", None, "--emit=tfjob: GPUs per training pod (nvidia.com/gpu).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("cpu", None, "--emit=tfjob: CPU per training pod, e.g. 4 or 500m.", flag_values=FLAGS)
+flags.DEFINE_string("memory", None, "--emit=tfjob: memory per training pod, e.g. 16Gi.", flag_values=FLAGS)
+flags.DEFINE_string("volume", None, "--emit=tfjob: CLAIM:/mount/path, a shared PersistentVolumeClaim mounted in "
+                    "every pod; --model_dir must be under it so restarted pods resume.", flag_values=FLAGS)
+TFJOB_FLAGS = ("evaluator", "gpus_per_worker", "cpu", "memory", "volume")
 
 HOST = "127.0.0.1"  # local clusters never listen for, or point at, another address
 PORT_RETRIES = 3
@@ -94,8 +105,9 @@ def parse_args(argv: Sequence[str]) -> List[str]:
         raise UserError(f"--emit={FLAGS.emit} is not a manifest kind; use --emit=tfjob or --emit=slurm")
     if FLAGS.emit and FLAGS.dry_run:
         raise UserError("--emit and --dry_run both print instead of running; use one of them")
-    if FLAGS.image is not None and FLAGS.emit != "tfjob":
-        raise UserError("--image only applies to --emit=tfjob; remove it or add --emit=tfjob")
+    for name in ("image", *TFJOB_FLAGS):
+        if FLAGS[name].value is not None and FLAGS.emit != "tfjob":
+            raise UserError(f"--{name} only applies to --emit=tfjob; remove it or add --emit=tfjob")
     for name in SLURM_FLAGS:
         if FLAGS[name].value is not None and FLAGS.emit != "slurm":
             raise UserError(f"--{name} only applies to --emit=slurm; remove it or add --emit=slurm")
@@ -203,12 +215,23 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
 
 def emit(command: Sequence[str]) -> str:
     """The --emit manifest for `command`, from the parsed FLAGS."""
-    job_name = FLAGS.job_name or manifests.DEFAULT_JOB_NAME
+    job_name = manifests.check_job_name(FLAGS.job_name or manifests.DEFAULT_JOB_NAME)
     # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
     max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
     if FLAGS.emit == "tfjob":
+        evaluator = None
+        if FLAGS.evaluator is not None:
+            try:
+                evaluator = shlex.split(FLAGS.evaluator)
+            except ValueError as e:
+                raise UserError(f"--evaluator={FLAGS.evaluator} is not a shell-quoted command ({e})") from None
+            if not evaluator:
+                raise UserError("--evaluator is empty; give the evaluator's command, e.g. --evaluator='python eval.py'")
+        resources = manifests.PodResources(FLAGS.gpus_per_worker, FLAGS.cpu, FLAGS.memory)
+        volume = manifests.SharedVolume.parse(FLAGS.volume) if FLAGS.volume is not None else None
         return manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
-                               job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout)
+                               job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout,
+                               evaluator=evaluator, resources=resources, volume=volume)
     return slurm.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
                         timeout_s=FLAGS.timeout, **{name: FLAGS[name].value for name in SLURM_FLAGS})
 

@@ -1,6 +1,7 @@
 """Cluster manifests: the TFJob YAML the Training Operator needs; the sbatch script's layout, resources and rerun
 rules (run by bash with a fake `srun`/`scontrol`; tests/test_slurm.py runs it on a real Slurm); TF_CONFIG and ports
 from a Slurm task's environment."""
+import copy
 import json
 import os
 import shlex
@@ -16,6 +17,13 @@ from dtf import launch
 from dtf import cluster, manifests, slurm, slurm_task
 from dtf.errors import UserError
 
+
+
+@pytest.fixture
+def api():
+    """tests/tfjob_api.py, which needs Kubeflow's TFJob models (`kubeflow-training`, in the test extra)."""
+    return pytest.importorskip("tfjob_api", reason="needs kubeflow-training: pip install -e '.[test]'")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["python", "-m", "dtf.run", "--flagfile=mnist.cfg", "--model_dir=/shared/run1"]
 
@@ -27,7 +35,7 @@ def _emit(capsys, *args):
     return out
 
 
-def test_tfjob_has_a_chief_and_workers_in_the_tensorflow_container(capsys):
+def test_tfjob_has_a_chief_and_workers_in_the_tensorflow_container(capsys, api):
     doc = yaml.safe_load(_emit(capsys, "--emit=tfjob", "--num_workers=3", "--image=reg.example/dtf:0.1",
                                "--job_name=mnist-run1", "--max_restarts=2", "--timeout=3600", "--", *RUN))
     assert doc["apiVersion"] == "kubeflow.org/v1" and doc["kind"] == "TFJob"
@@ -35,22 +43,98 @@ def test_tfjob_has_a_chief_and_workers_in_the_tensorflow_container(capsys):
     specs = doc["spec"]["tfReplicaSpecs"]
     assert {k: v["replicas"] for k, v in specs.items()} == {"Chief": 1, "Worker": 2}
     for spec in specs.values():
-        assert spec["restartPolicy"] == "OnFailure"
+        assert spec["restartPolicy"] == "ExitCode"  # 143 retried, 2 and 3 never (dtf.exitcodes)
         [container] = spec["template"]["spec"]["containers"]
         assert container == {"name": "tensorflow", "image": "reg.example/dtf:0.1", "command": RUN}
-    assert doc["spec"]["runPolicy"] == {"backoffLimit": 2, "activeDeadlineSeconds": 3600}
+    assert doc["spec"]["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 2, "activeDeadlineSeconds": 3600}
+    assert api.validate_tfjob(doc) == []
 
 
-def test_tfjob_defaults_and_a_single_worker(capsys):
+def test_tfjob_defaults_and_a_single_worker(capsys, api):
     doc = yaml.safe_load(_emit(capsys, "--emit=tfjob", "--num_workers=1", "--", "python", "train.py"))
     assert list(doc["spec"]["tfReplicaSpecs"]) == ["Chief"]
-    assert "runPolicy" not in doc["spec"]  # no flags given: the operator's own defaults apply
+    assert doc["spec"]["runPolicy"] == {"cleanPodPolicy": "Running"}  # else the operator's own defaults
     assert doc["metadata"]["name"] == manifests.DEFAULT_JOB_NAME
     assert doc["spec"]["tfReplicaSpecs"]["Chief"]["template"]["spec"]["containers"][0]["image"] == \
         manifests.DEFAULT_IMAGE
+    assert api.validate_tfjob(doc) == []
 
 
-@pytest.mark.parametrize("name", ["Upper", "under_score", "-dash", "x" * 64, ""])
+SHARED_RUN = ["python", "-m", "dtf.run", "--flagfile=/shared/exp.flags", "--model_dir=/shared/run1"]
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 4])
+def test_tfjob_with_evaluator_resources_and_volume_validates_against_the_tfjob_api(capsys, api, num_workers):
+    doc = yaml.safe_load(_emit(capsys, "--emit=tfjob", f"--num_workers={num_workers}", "--image=reg.example/dtf:0.1",
+                               "--gpus_per_worker=2", "--cpu=8", "--memory=32Gi", "--volume=dtf-runs:/shared",
+                               "--evaluator=python eval.py --model_dir=/shared/run1", "--max_restarts=3", "--",
+                               *SHARED_RUN))
+    assert api.validate_tfjob(doc) == []
+    specs = doc["spec"]["tfReplicaSpecs"]
+    expected = {"Chief": 1, "Evaluator": 1, **({"Worker": num_workers - 1} if num_workers > 1 else {})}
+    assert {k: v["replicas"] for k, v in specs.items()} == expected
+    for replica_type, spec in specs.items():
+        pod = spec["template"]["spec"]
+        [container] = pod["containers"]
+        assert pod["volumes"] == [{"name": "dtf-shared", "persistentVolumeClaim": {"claimName": "dtf-runs"}}]
+        assert container["volumeMounts"] == [{"name": "dtf-shared", "mountPath": "/shared"}]
+        if replica_type == "Evaluator":
+            assert container["command"] == ["python", "eval.py", "--model_dir=/shared/run1"]
+            assert "resources" not in container
+        else:
+            assert container["command"] == SHARED_RUN
+            amounts = {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "2"}
+            assert container["resources"] == {"requests": amounts, "limits": amounts}
+
+
+def test_the_validator_rejects_what_the_api_would(api):
+    """The validator can fail: unknown fields, wrong types, missing required fields, bad enum values, no chief."""
+    good = yaml.safe_load(manifests.tfjob(["python", "train.py"], 2))
+    assert api.validate_tfjob(good) == []
+    cases = {
+        "unknown field": lambda d: d["spec"]["tfReplicaSpecs"]["Chief"].update(restartPolicies="Never"),
+        "expected int": lambda d: d["spec"]["tfReplicaSpecs"]["Worker"].update(replicas="1"),
+        "`name`, must not be `None`": lambda d: d["spec"]["tfReplicaSpecs"]["Chief"]["template"]["spec"][
+            "containers"][0].pop("name"),
+        "restartPolicy": lambda d: d["spec"]["tfReplicaSpecs"]["Chief"].update(restartPolicy="OnExitCode"),
+        "unknown TF replica type": lambda d: d["spec"]["tfReplicaSpecs"].update(Eval=d["spec"]["tfReplicaSpecs"]["Chief"]),
+        "more than one Chief": lambda d: d["spec"]["tfReplicaSpecs"].update(Master=d["spec"]["tfReplicaSpecs"]["Chief"]),
+        "DNS-1035": lambda d: d["metadata"].update(name="1job"),
+        "cleanPodPolicy": lambda d: d["spec"]["runPolicy"].update(cleanPodPolicy="Always"),
+    }
+    for message, break_it in cases.items():
+        doc = copy.deepcopy(good)
+        break_it(doc)
+        errors = api.validate_tfjob(doc)
+        assert any(message in e for e in errors), (message, errors)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--gpus_per_worker=0"], "--gpus_per_worker"),
+    (["--cpu=four"], "--cpu=four"),
+    (["--memory=16GB"], "--memory=16GB"),
+    (["--volume=/shared"], "--volume"),
+    (["--volume=Claim:/shared"], "--volume"),
+    (["--volume=runs:/shared"], "--model_dir=/tmp/run1"),
+    (["--evaluator="], "--evaluator"),
+    (["--evaluator=python 'unclosed"], "--evaluator"),
+])
+def test_bad_tfjob_options_are_one_line_and_exit_2(capsys, args, flag):
+    assert launch.main(["dtf.launch", "--emit=tfjob", "--num_workers=2", *args, "--", "python", "-m", "dtf.run",
+                        "--model_dir=/tmp/run1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("dtf.launch: error: "), err
+    assert flag in err
+
+
+@pytest.mark.parametrize("flag", ["--evaluator=python e.py", "--gpus_per_worker=1", "--cpu=1", "--memory=1Gi",
+                                  "--volume=runs:/shared"])
+def test_tfjob_options_need_emit_tfjob(capsys, flag):
+    assert launch.main(["dtf.launch", "--num_workers=2", "--emit=slurm", flag, "--", "python", "train.py"]) == 2
+    assert "only applies to --emit=tfjob" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["Upper", "under_score", "-dash", "1st-run", "x" * 64, ""])
 def test_job_names_must_be_dns_labels(name):
     with pytest.raises(UserError, match="--job_name"):
         manifests.check_job_name(name)
