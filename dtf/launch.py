@@ -49,6 +49,10 @@ flags.DEFINE_string("image", None, f"Container image for --emit=tfjob (default {
                     flag_values=FLAGS)
 flags.DEFINE_string("job_name", None, f"Job name for --emit (default {manifests.DEFAULT_JOB_NAME}).",
                     flag_values=FLAGS)
+flags.DEFINE_enum("backend", "local", ["local", "ray"], "Where the workers run: local processes on 127.0.0.1, or Ray "
+                  "Train workers (dtf.ray; needs pip install -e '.[ray]').", flag_values=FLAGS)
+flags.DEFINE_string("address", None, "--backend=ray: the Ray cluster to join (default: start a local one).",
+                    flag_values=FLAGS)
 # --emit=slurm only (see dtf.slurm for the layout and restart rules).
 flags.DEFINE_integer("nodes", None, "--emit=slurm: nodes (default: one task per node, so --num_workers).",
                      flag_values=FLAGS)
@@ -108,6 +112,12 @@ def parse_args(argv: Sequence[str]) -> List[str]:
     for name in ("image", *TFJOB_FLAGS):
         if FLAGS[name].value is not None and FLAGS.emit != "tfjob":
             raise UserError(f"--{name} only applies to --emit=tfjob; remove it or add --emit=tfjob")
+    if FLAGS.backend == "ray":
+        for name in ("emit", "dry_run", "timeout"):
+            if FLAGS[name].value not in (None, False):
+                raise UserError(f"--{name} does not apply to --backend=ray; remove it or use --backend=local")
+    if FLAGS.address is not None and FLAGS.backend != "ray":
+        raise UserError("--address only applies to --backend=ray; remove it or add --backend=ray")
     for name in SLURM_FLAGS:
         if FLAGS[name].value is not None and FLAGS.emit != "slurm":
             raise UserError(f"--{name} only applies to --emit=slurm; remove it or add --emit=slurm")
@@ -236,6 +246,17 @@ def emit(command: Sequence[str]) -> str:
                         timeout_s=FLAGS.timeout, **{name: FLAGS[name].value for name in SLURM_FLAGS})
 
 
+def _ray(command: Sequence[str]) -> int:
+    """--backend=ray: the same command on Ray Train workers (imported here: Ray is an optional extra)."""
+    from dtf import ray as ray_backend
+
+    try:
+        return ray_backend.fit(command, FLAGS.num_workers, address=FLAGS.address, max_restarts=FLAGS.max_restarts)
+    except UserError as e:
+        print(f"dtf.launch: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str]) -> int:
     if {"--help", "-h", "--helpfull"} & set(argv[1:argv.index("--") if "--" in argv else None]):
         print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
@@ -252,6 +273,8 @@ def main(argv: Sequence[str]) -> int:
         print("\n".join(tf_configs(_fresh_hosts(FLAGS.num_workers, []))))
         print(shlex.join(command))
         return 0
+    if FLAGS.backend == "ray":
+        return _ray(command)
     procs.raise_stopped_on_signals()
     try:
         return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout)

@@ -1,6 +1,7 @@
 """A real single-node Slurm for tests: munged, slurmctld and slurmd (Debian's slurm-wlm + munge) as this test's own
 processes, configured in a temporary directory, inside a private network namespace whose only interface is loopback
-(the daemons, srun and TensorFlow's gRPC servers bind all interfaces; the namespace keeps them off every network).
+(tests/netns.py: the daemons, srun and TensorFlow's gRPC servers bind all interfaces; the namespace keeps them off
+every network).
 
 Usage: `with SlurmCluster(tmp_dir) as slurm: slurm.run(["sbatch", ...])`. Everything started is stopped on exit,
 even after a failure. `SlurmCluster.unavailable()` says why it cannot run here (None when it can).
@@ -12,10 +13,10 @@ import subprocess
 import time
 from typing import List, Optional, Sequence
 
-import psutil
+from netns import LoopbackNamespace
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-TOOLS = (*DAEMONS, "sbatch", "squeue", "scontrol", "scancel", "unshare", "nsenter", "ip")
+TOOLS = (*DAEMONS, "sbatch", "squeue", "scontrol", "scancel")
 START_TIMEOUT_S = 60
 NODE_CPUS = 8  # more than this machine has (config_overrides): two 2-task jobs must fit side by side
 
@@ -63,20 +64,18 @@ class SlurmCluster:
         self.dir = os.path.abspath(directory)
         self.conf = os.path.join(self.dir, "slurm.conf")
         self.procs: List[subprocess.Popen] = []
-        self.holder: Optional[subprocess.Popen] = None
+        self.ns: Optional[LoopbackNamespace] = None
 
     @staticmethod
     def unavailable() -> Optional[str]:
         missing = [t for t in TOOLS if shutil.which(t) is None]
         if missing:
             return f"not installed: {', '.join(missing)} (apt-get install slurm-wlm munge)"
-        if os.geteuid() != 0:
-            return "needs root (slurmd and a private network namespace)"
-        return None
+        return LoopbackNamespace.unavailable()
 
     # --- running commands inside the namespace ---------------------------------------------------------------------
     def _ns(self, command: Sequence[str]) -> List[str]:
-        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", *command]
+        return self.ns.wrap(command)
 
     def env(self, **extra) -> dict:
         return dict(os.environ, SLURM_CONF=self.conf, **extra)
@@ -141,15 +140,10 @@ class SlurmCluster:
         with open(key, "wb") as f:
             f.write(os.urandom(1024))
         os.chmod(key, 0o400)
-        # The namespace: loopback up, plus a second loopback address, because glibc's getaddrinfo(AI_ADDRCONFIG),
-        # which Slurm uses, finds no IPv4 at all when 127.0.0.1 is the only address.
-        self.holder = subprocess.Popen(
-            ["unshare", "--net", "sh", "-c", "ip link set lo up && ip addr add 127.0.0.2/8 dev lo && echo ready && "
-             f"exec sleep {4 * 3600}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)
-        ready = self.holder.stdout.readline().strip()
-        if ready != "ready":
-            raise SlurmUnavailable(f"cannot make a private network namespace: {ready} {self.holder.stdout.read()}")
+        try:
+            self.ns = LoopbackNamespace().__enter__()
+        except OSError as e:
+            raise SlurmUnavailable(str(e)) from None
         d = self.dir
         self.start_in_ns(["munged", "-F", "-f", f"--key-file={key}", f"--socket={d}/munge.sock",
                           f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log", f"--seed-file={d}/munged.seed"],
@@ -177,26 +171,11 @@ class SlurmCluster:
                     out.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
         return "\n".join(out)
 
-    def _in_namespace(self) -> List[psutil.Process]:
-        """Every process in our namespace: the daemons, slurmstepd and job tasks (which slurmd daemonizes)."""
-        try:
-            ns = os.readlink(f"/proc/{self.holder.pid}/ns/net")
-        except OSError:
-            return []
-        found = []
-        for p in psutil.process_iter():
-            try:
-                if p.pid != self.holder.pid and os.readlink(f"/proc/{p.pid}/ns/net") == ns:
-                    found.append(p)
-            except OSError:
-                continue
-        return found
-
     def stop(self):
         """Cancel every job, stop the daemons, then kill whatever is left in the namespace, and the namespace."""
-        if self.holder is None:
+        if self.ns is None:
             return
-        if self.holder.poll() is None and any(p.poll() is None for p in self.procs):
+        if any(p.poll() is None for p in self.procs):
             self.run(["scancel", "--full", "--user=root"], check=False, timeout_s=20)
         for p in reversed(self.procs):  # slurmd, slurmctld, munged
             if p.poll() is None:
@@ -207,12 +186,5 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        for p in self._in_namespace():
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        if self.holder.poll() is None:
-            os.killpg(self.holder.pid, signal.SIGKILL)
-        self.holder.wait()
-        self.holder.stdout.close()
+        self.ns.__exit__()  # slurmstepd and job tasks, which slurmd daemonizes, die with the namespace
+        self.ns = None

@@ -1,0 +1,69 @@
+"""`python -m dtf.launch --backend=ray`: 2 Ray Train workers (TensorflowTrainer forms TF_CONFIG) train the
+multi-worker experiment and end with the local launcher's weights; a user error (2) is not retried.
+
+Ray runs inside a private loopback-only network namespace (tests/netns.py): its servers and TF's bind every interface.
+Skipped with the reason when Ray is not installed (`pip install -e '.[ray]'`), or outside CI without root."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from netns import LoopbackNamespace
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+RUN = ["python", "-m", "dtf.run", "--dataset=synthetic", "--model=mlp", "--epochs=2", "--steps_per_epoch=10",
+       "--global_batch_size=32", "--input_sharding=batch", "--validation_freq=10", "--cluster_timeout=60"]
+
+
+@pytest.fixture(scope="module")
+def netns():
+    pytest.importorskip("ray.train.tensorflow", reason="Ray Train is not installed: pip install -e '.[ray]'")
+    why = LoopbackNamespace.unavailable()
+    if why:
+        pytest.skip(why)
+    with LoopbackNamespace() as ns:
+        yield ns
+        assert [p.pid for p in ns.processes()] == []  # dtf.ray stopped the Ray instance it started
+
+
+def _launch(args, cwd, wrap=lambda c: c, timeout_s=420):
+    env = dict(os.environ, PYTHONPATH=REPO, RAY_AUTH_MODE="disabled",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return subprocess.run(wrap([sys.executable, "-m", "dtf.launch", *args]), env=env, cwd=str(cwd),
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def _weights(model_dir):
+    import keras
+
+    return keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False).get_weights()
+
+
+def test_ray_workers_match_the_local_launcher(netns, tmp_path):
+    ray_run = _launch(["--backend=ray", "--num_workers=2", "--", *RUN, f"--model_dir={tmp_path}/ray"], tmp_path,
+                      netns.wrap)
+    out = ray_run.stdout + ray_run.stderr
+    assert ray_run.returncode == 0, out[-4000:]
+    local = _launch(["--num_workers=2", "--timeout=300", "--", *RUN, f"--model_dir={tmp_path}/local"], tmp_path)
+    assert local.returncode == 0, (local.stdout + local.stderr)[-3000:]
+
+    assert "[chief] " in out and "[worker 1] " in out  # each worker's lines, prefixed by its role
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["num_workers"] == 2 and summary["num_replicas"] == 2
+    assert sorted(os.listdir(tmp_path / "ray")) == sorted(os.listdir(tmp_path / "local"))  # chief-only outputs
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(_weights(tmp_path / "ray"), _weights(tmp_path / "local")))
+    print(f"ray: max |Δw| vs dtf.launch = {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_ray_does_not_retry_a_user_error(netns, tmp_path):
+    run = _launch(["--backend=ray", "--num_workers=2", "--max_restarts=2", "--", *RUN, "--epochs=0",
+                   f"--model_dir={tmp_path}/bad"], tmp_path, netns.wrap, timeout_s=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 2, out[-4000:]
+    assert out.count("[chief] ") >= 1 and "--epochs" in out
+    assert "Ray Train restarts the group" not in out
