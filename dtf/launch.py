@@ -11,7 +11,8 @@ on fresh ports without using up a restart.
 Exit status: the chief's (0 when every worker succeeded); the failed worker's status after the last restart (128+N
 for signal N); 124 when --timeout ran out; 130/143 when the launcher got SIGINT/SIGTERM; 2 for bad input.
 
-`--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests).
+`--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests,
+dtf.slurm). `--backend=ray` runs it on Ray Train workers instead of local processes (see dtf.ray).
 """
 import os
 import re

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 from dtf import exitcodes
 from dtf.errors import UserError
@@ -69,10 +69,19 @@ class _Statuses:
         return self.statuses
 
 
-def fit(command: Sequence[str], num_workers: int, *, address: Optional[str] = None, use_gpu: bool = False,
-        max_restarts: int = 0) -> int:
-    """Run `command` (e.g. `[sys.executable, "-m", "dtf.run", "--flagfile=exp.flags"]`) on `num_workers` Ray Train
-    workers; return dtf's exit status: 0, 2/3 from the workers, or 1 when Ray Train gave up after `max_restarts`."""
+def run_command(config) -> List[str]:
+    """`python -m dtf.run` with every flag of a dtf Config: `fit(config, ...)` runs exactly that experiment."""
+    return [sys.executable, "-m", "dtf.run", *(line for line in config.to_flagfile().splitlines()
+                                                if line.startswith("--"))]
+
+
+def fit(command: Union[Sequence[str], "dtf.config.Config"], num_workers: int, *, address: Optional[str] = None,
+        use_gpu: bool = False, max_restarts: int = 0) -> int:
+    """Run `command` (e.g. `[sys.executable, "-m", "dtf.run", "--flagfile=exp.flags"]`, or a dtf Config) on
+    `num_workers` Ray Train workers; return dtf's exit status: 0, 2/3 from the workers, or 1 when Ray Train gave up
+    after `max_restarts`."""
+    if hasattr(command, "to_flagfile"):
+        command = run_command(command)
     try:
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig

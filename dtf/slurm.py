@@ -97,7 +97,7 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
         raise UserError(f"--gres={gres} gives {gpus} GPU(s) per node, which {tasks_per_node} tasks per node cannot "
                         f"share evenly; use --tasks_per_node=1 (one worker drives all GPUs) or a multiple of it")
     _check_name("--partition", partition, "gpu")
-    if output is not None and (not output.strip() or "\n" in output):
+    if output is not None and (not output or any(ch.isspace() for ch in output)):
         raise UserError("--output must be a file path (Slurm patterns like %j allowed), e.g. --output=logs/%x-%j.out")
 
     directives = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"]

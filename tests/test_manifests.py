@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import yaml
+from absl import flags as absl_flags
 
 from dtf import launch
 from dtf import cluster, manifests, slurm, slurm_task
@@ -191,6 +192,7 @@ def test_sbatch_defaults_to_one_task_per_node(capsys):
     (["--num_workers=2", "--time=60", "--timeout=60"], "--timeout"),
     (["--num_workers=2", "--partition=a b"], "--partition"),
     (["--num_workers=2", "--output= "], "--output"),
+    (["--num_workers=2", "--output=my logs/x.out"], "--output"),
 ])
 def test_bad_slurm_options_are_one_line_and_exit_2(capsys, args, flag):
     assert launch.main(["dtf.launch", "--emit=slurm", *args, "--", "python", "train.py"]) == 2
@@ -360,3 +362,39 @@ def test_slurm_task_reports_a_taken_port_by_number():
             slurm_task.task_tf_config(env)
     assert taken.value.args == (port, "localhost")
     assert json.loads(slurm_task.task_tf_config(env))["cluster"] == {"worker": [f"localhost:{port}"]}  # free now
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--backend=ray", "--emit=slurm"], "--emit"),
+    (["--backend=ray", "--dry_run"], "--dry_run"),
+    (["--backend=ray", "--timeout=60"], "--timeout"),
+    (["--address=127.0.0.1:6379"], "--address"),
+    (["--backend=spark"], "--backend"),
+])
+def test_bad_ray_backend_options_are_one_line_and_exit_2(capsys, args, flag):
+    assert launch.main(["dtf.launch", "--num_workers=2", *args, "--", "python", "train.py"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("dtf.launch: error: "), err
+    assert flag in err
+
+
+def test_ray_backend_without_ray_says_how_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` raises ImportError
+    assert launch.main(["dtf.launch", "--backend=ray", "--num_workers=2", "--", "python", "train.py"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "pip install -e '.[ray]'" in err, err
+
+
+def test_ray_fit_runs_a_config_as_the_same_dtf_run_flags():
+    """dtf.ray.fit(Config) runs `dtf.run` with the Config's flags: parsing them back gives the same Config."""
+    from dtf import config as config_lib, flags as dtf_flags
+    from dtf import ray as dtf_ray
+
+    config = config_lib.Config(dataset="synthetic", model="mlp", epochs=3, global_batch_size=32,
+                               input_sharding="batch", model_dir="/shared/run1")
+    command = dtf_ray.run_command(config)
+    assert command[:3] == [sys.executable, "-m", "dtf.run"]
+    values = absl_flags.FlagValues()
+    dtf_flags.define_flags(values)
+    values(["dtf.run", *command[3:]])
+    assert dtf_flags.config_from_flags(values) == config
