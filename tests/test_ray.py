@@ -70,10 +70,35 @@ def test_ray_workers_match_the_local_launcher(netns, tmp_path):
     assert diff < 1e-5
 
 
-def test_ray_does_not_retry_a_user_error(netns, tmp_path):
-    run = _launch(["--backend=ray", "--num_workers=2", "--max_restarts=2", "--", *RUN, "--epochs=0",
-                   f"--model_dir={tmp_path}/bad"], tmp_path, netns.wrap, timeout_s=300)
+# Through the Python entry, on one Ray instance: a crash (1) is retried and the rerun succeeds; a user error (2) is not
+# retried. Each worker appends a line per attempt to its own file, and takes its status from how many it had.
+RETRIES = """
+import sys
+import ray
+from dtf import ray as dtf_ray
+ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
+OUT = sys.argv[1]
+def stub(name, statuses):  # statuses[task index][attempt], the last one repeating
+    code = (f"import json, os, sys; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
+            f"path = os.path.join({OUT!r}, {name!r} + str(i)); "
+            f"n = len(open(path).readlines()) if os.path.exists(path) else 0; open(path, 'a').write('run' + chr(10)); "
+            f"s = {statuses!r}[i]; sys.exit(s[min(n, len(s) - 1)])")
+    return [sys.executable, "-c", code]
+crash = dtf_ray.fit(stub("crash", [[1, 0], [0]]), 2, max_restarts=1)  # the chief crashes once
+usage = dtf_ray.fit(stub("usage", [[2], [2]]), 2, max_restarts=2)
+print("STATUSES", crash, usage, flush=True)
+ray.shutdown()
+"""
+
+
+def test_ray_retries_a_crash_but_not_a_user_error(netns, tmp_path):
+    script = tmp_path / "retries.py"
+    script.write_text(RETRIES)
+    env = dict(os.environ, PYTHONPATH=REPO, RAY_AUTH_MODE="disabled")
+    run = subprocess.run(netns.wrap([sys.executable, str(script), str(tmp_path)]), env=env, cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
-    assert run.returncode == 2, out[-4000:]
-    assert out.count("[chief] ") >= 1 and "--epochs" in out
-    assert "Ray Train restarts the group" not in out
+    assert run.returncode == 0 and "STATUSES 0 2" in out, out[-4000:]
+    assert len((tmp_path / "crash0").read_text().splitlines()) == 2  # the crash, then the restarted group
+    assert [len((tmp_path / f"usage{i}").read_text().splitlines()) for i in (0, 1)] == [1, 1]  # not retried
+    assert "chief exited with status 1; Ray Train restarts the group" in out
