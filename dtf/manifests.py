@@ -68,11 +68,12 @@ class SharedVolume:
         return cls(claim, path.rstrip("/") or "/")
 
     def check_model_dir(self, command: Sequence[str]):
-        """The model_dir in a dtf command must be on the volume: pod-local files vanish with a restarted pod."""
+        """The model_dir in a dtf command must be on the volume (or an object store URL such as gs://...): pod-local
+        files vanish with a restarted pod."""
         for arg in command:
             if arg.startswith("--model_dir="):
                 model_dir = arg.split("=", 1)[1]
-                if not (model_dir + "/").startswith(self.mount_path.rstrip("/") + "/"):
+                if "://" not in model_dir and not (model_dir + "/").startswith(self.mount_path.rstrip("/") + "/"):
                     raise UserError(f"--model_dir={model_dir} is not on the shared volume mounted at "
                                     f"{self.mount_path}; put it there, e.g. --model_dir={self.mount_path}/run1, so a "
                                     "restarted pod resumes from the chief's backup")

@@ -6,8 +6,10 @@ replicas, with one gRPC server and one input pipeline per node and the in-node a
 tasks per node suit CPU nodes (or one process per GPU); with `--gres=gpu:G` each task is then bound to its own G/T
 GPUs (`srun --gpu-bind=per_task:G/T`).
 
-Each task runs `python -m dtf.slurm_task -- <command>`, which sets TF_CONFIG with ports chosen per job. srun's
-`--label` prefixes every line with its task number (0 is the chief). The step reruns by dtf's exit-status table
+Each task runs `python -m dtf.slurm_task -- <command>`, which sets TF_CONFIG with ports chosen per job and reports the
+command's exit status. srun's `--label` prefixes every line with its task number (0 is the chief). The step's status is
+that of the task that failed first (srun's own is the highest of all tasks: a peer stopped by SIGTERM after another
+failed would turn a user error into a preemption), and the step reruns by dtf's exit-status table
 (dtf.exitcodes): never after 2 (user error) or 3 (diverged); after a crash up to --max_restarts times; after 143
 (preempted, or SIGTERM before the time limit, which the script asks for) the job is requeued, uncounted. Resuming
 needs `model_dir` on a filesystem every node shares.
@@ -121,13 +123,17 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
              "# Written by `python -m dtf.launch --emit=slurm`; submit unchanged with sbatch. Task 0 is the chief;",
              "# output lines are prefixed with the task number. Reruns follow dtf.exitcodes (see dtf/slurm.py).",
              "set -u",
+             "steplog=$(mktemp)  # each step's output (also in the job log): which task failed first, and how",
+             "trap 'rm -f \"$steplog\"' EXIT",
              f"max_restarts={max_restarts or 0}",
              "restarts=0",
              "start=${SLURM_RESTART_COUNT:-0}  # a requeued job starts on other ports too",
              "while true; do",
              "  export DTF_LAUNCH_RESTART=$start",
-             f"  {shlex.join(srun)}",
-             "  status=$?",
+             f"  {shlex.join(srun)} 2>&1 | tee \"$steplog\"",
+             "  status=${PIPESTATUS[0]}  # srun's: the highest of all tasks, e.g. a stopped peer's 143",
+             "  first=$(sed -n 's/^ *[0-9]*: dtf\\.slurm_task: exited with status \\([1-9][0-9]*\\)$/\\1/p' \"$steplog\" | head -n 1)",
+             "  status=${first:-$status}",
              "  start=$((start + 1))",
              "  case $status in",
              f"    {exitcodes.OK}) exit 0 ;;",

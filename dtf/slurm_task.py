@@ -2,8 +2,8 @@
 
 Sets TF_CONFIG from the step's environment (tasks in rank order, task 0 the chief, ports chosen per job: see
 `dtf.cluster.slurm_port`), checks that this task's port is free so a taken port is reported in one line that names
-it (TensorFlow only says "Could not start gRPC server"), then replaces itself with the command. No TensorFlow import:
-it runs before every task.
+it (TensorFlow only says "Could not start gRPC server"), then runs the command and reports its exit status in one
+line, which the sbatch script reads to find the task that failed first.
 
 Exit status: the command's; 1 when the port is taken (a crash: the script reruns the step on other ports, counted as a
 restart); 2 outside a Slurm step or with bad input.
@@ -11,7 +11,9 @@ restart); 2 outside a Slurm step or with bad input.
 import errno
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 from typing import Mapping, Sequence
 
@@ -48,13 +50,7 @@ def task_tf_config(environ: Mapping[str, str]) -> str:
     return tf_config
 
 
-def main(argv: Sequence[str]) -> int:
-    command = list(argv[2:]) if argv[1:2] == ["--"] else []
-    if not command:
-        print("dtf.slurm_task: error: usage: python -m dtf.slurm_task -- <command...> (inside a Slurm job step)",
-              file=sys.stderr)
-        return 2
-    environ = os.environ
+def _run(command: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         tf_config = task_tf_config(environ)
     except UserError as e:
@@ -69,12 +65,32 @@ def main(argv: Sequence[str]) -> int:
     if environ["SLURM_PROCID"] == "0":
         workers = json.loads(tf_config)["cluster"]["worker"]
         print(f"dtf.slurm_task: {len(workers)} worker(s): {','.join(workers)} (task 0 is the chief)", flush=True)
-    os.environ["TF_CONFIG"] = tf_config
+    # Slurm signals every process of the step; the command handles SIGTERM (or is SIGKILLed after KillWait). We only
+    # outlive it to report its status, so SIGTERM/SIGINT must not end us first (a no-op handler, which, unlike
+    # SIG_IGN, the command does not inherit).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
-        os.execvp(command[0], command)
+        proc = subprocess.Popen(list(command), env=dict(environ, TF_CONFIG=tf_config))
     except OSError as e:
         print(f"dtf.slurm_task: error: cannot run {command[0]!r}: {e.strerror}", file=sys.stderr)
         return 2
+    status = proc.wait()
+    return 128 - status if status < 0 else status
+
+
+def main(argv: Sequence[str]) -> int:
+    command = list(argv[2:]) if argv[1:2] == ["--"] else []
+    if not command:
+        print("dtf.slurm_task: error: usage: python -m dtf.slurm_task -- <command...> (inside a Slurm job step)",
+              file=sys.stderr)
+        return 2
+    status = _run(command, os.environ)
+    if "SLURM_PROCID" in os.environ:
+        # The sbatch script reads this line: srun reports only the highest status of all tasks (a peer stopped by
+        # SIGTERM after another failed says 143), but the step's cause is the first task that failed.
+        print(f"dtf.slurm_task: exited with status {status}", file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":

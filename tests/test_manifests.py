@@ -88,6 +88,12 @@ def test_tfjob_with_evaluator_resources_and_volume_validates_against_the_tfjob_a
             assert container["resources"] == {"requests": amounts, "limits": amounts}
 
 
+def test_tfjob_model_dir_may_be_an_object_store_url(capsys, api):
+    doc = yaml.safe_load(_emit(capsys, "--emit=tfjob", "--num_workers=2", "--volume=data:/data", "--", "python", "-m",
+                               "dtf.run", "--model_dir=gs://bucket/run1"))
+    assert api.validate_tfjob(doc) == []
+
+
 def test_the_validator_rejects_what_the_api_would(api):
     """The validator can fail: unknown fields, wrong types, missing required fields, bad enum values, no chief."""
     good = yaml.safe_load(manifests.tfjob(["python", "train.py"], 2))
@@ -151,7 +157,7 @@ def _bash_n(script: str, tmp_path):
 
 def _srun_line(script: str):
     [srun] = [line.strip() for line in script.splitlines() if line.strip().startswith("srun ")]
-    return shlex.split(srun)
+    return shlex.split(srun)[:-4]  # without the tee into $steplog
 
 
 def test_sbatch_layout_resources_and_labelled_tasks(capsys, tmp_path):
@@ -165,6 +171,7 @@ def test_sbatch_layout_resources_and_labelled_tasks(capsys, tmp_path):
                           "--partition=gpu", "--output=logs/%x-%j.out", "--requeue", "--open-mode=append",
                           "--signal=TERM@120"]
     srun = _srun_line(script)
+    assert '2>&1 | tee "$steplog"' in script  # the step's output, read for the first failure
     assert srun[:6] == ["srun", "--nodes=2", "--ntasks-per-node=4", "--label", "--kill-on-bad-exit=1",
                         "--gpu-bind=per_task:1"]  # 4 GPUs shared by 4 tasks: one each
     assert srun[6:] == ["python", "-m", "dtf.slurm_task", "--", *RUN]  # the command unchanged
@@ -224,16 +231,24 @@ status=${statuses[$DTF_LAUNCH_RESTART]:-0}
 [ "$status" != 0 ] && exit "$status"
 SLURM_JOB_ID=77 SLURM_PROCID=1 SLURM_STEP_NODELIST='node[9-10]' SLURM_STEP_TASKS_PER_NODE='1(x2)' exec "$@"
 """
+# A fake srun whose step ends as srun reports it when task 1 diverged (3) and task 0, stopped by SIGTERM, saved and
+# exited 143: the highest status, 143. Each task's own line names the first failure.
+FAKE_SRUN_DIVERGED = """#!/bin/bash
+echo "srun start $DTF_LAUNCH_RESTART"
+echo " 1: dtf.slurm_task: exited with status 3" >&2
+echo " 0: dtf.slurm_task: exited with status 143" >&2
+exit 143
+"""
 FAKE_SCONTROL = """#!/bin/bash
 echo "scontrol $*"
 exit ${FAKE_REQUEUE_STATUS:-0}
 """
 
 
-def _run_script(tmp_path, command, statuses, max_restarts, requeue_status=0):
+def _run_script(tmp_path, command, statuses, max_restarts, requeue_status=0, srun=FAKE_SRUN):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    for name, text in (("srun", srun), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     if not (bin_dir / "python").exists():
@@ -269,6 +284,16 @@ def test_sbatch_never_reruns_a_user_error_or_divergence(tmp_path, status):
     assert f"step exited with status {status} (user error or diverged); not rerunning" in proc.stderr
 
 
+def test_sbatch_takes_the_status_of_the_task_that_failed_first(tmp_path):
+    """srun says 143 (a peer stopped after the divergence): the step diverged (3), so it is neither requeued nor
+    rerun."""
+    proc = _run_script(tmp_path, ["python", "train.py"], [], max_restarts=5, srun=FAKE_SRUN_DIVERGED)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0] == "srun start 0" and "scontrol" not in proc.stdout
+    assert "step exited with status 3 (user error or diverged); not rerunning" in proc.stderr
+    assert " 1: dtf.slurm_task: exited with status 3" in proc.stdout  # the step's output reached the job log
+
+
 def test_sbatch_gives_up_after_max_restarts(tmp_path):
     proc = _run_script(tmp_path, ["python", "train.py"], [7, 7, 7, 7], max_restarts=2)
     assert proc.returncode == 7
@@ -281,7 +306,8 @@ def test_sbatch_requeues_a_preempted_job_or_reruns_it_uncounted(tmp_path):
     # Requeue refused (e.g. the cluster forbids it): rerun here, not counted against --max_restarts=0.
     proc = _run_script(tmp_path, ["python", "-c", "print('done')"], [143, 143], max_restarts=0, requeue_status=1)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("scontrol requeue 77") == 2 and proc.stdout.splitlines()[-1] == "done"
+    assert proc.stdout.count("scontrol requeue 77") == 2
+    assert proc.stdout.splitlines()[-2:] == ["done", "dtf.slurm_task: exited with status 0"]
     assert proc.stderr.count("requeue failed; rerunning the step here (not counted as a restart)") == 2
 
 

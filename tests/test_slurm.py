@@ -71,9 +71,30 @@ sys.exit(plan.get((requeues, start), 0) if os.environ["SLURM_PROCID"] == "1" els
 """
 
 
+# Task 1 diverges (exit 3) after a second; task 0 behaves like dtf on SIGTERM: it saves and exits 143.
+DIVERGING = """
+import os, signal, sys, time
+def preempted(signum, frame):
+    print("stopped by SIGTERM", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, preempted)
+if os.environ["SLURM_PROCID"] == "1":
+    print("diverging", flush=True)
+    time.sleep(1)
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def _diverging(tmp_path):
+    path = tmp_path / "diverging.py"
+    path.write_text(DIVERGING)
+    return path
+
+
 def test_exit_statuses_rerun_requeue_and_taken_port(slurm, tmp_path):
-    """Three jobs at once: crash → rerun (counted), then 143 → requeued → done; 2 → never rerun; a taken port →
-    one line naming it."""
+    """Four jobs at once: crash → rerun (counted), then 143 → requeued → done; 2 → never rerun; a taken port →
+    one line naming it; 3 on one task while Slurm stops the other (143) → 3, never rerun."""
     def stub(name, statuses):
         path = tmp_path / f"{name}.py"
         path.write_text(STUB.replace("{STATUSES}", repr(statuses)))
@@ -84,6 +105,9 @@ def test_exit_statuses_rerun_requeue_and_taken_port(slurm, tmp_path):
     usage = _submit(slurm, _emit("--num_workers=2", "--tasks_per_node=2", "--max_restarts=3",
                                  f"--output={tmp_path}/usage.log", "--", "python", stub("usage", {(0, 0): 2})),
                     tmp_path / "usage.sbatch")
+    diverged = _submit(slurm, _emit("--num_workers=2", "--nodes=1", "--max_restarts=2",
+                                    f"--output={tmp_path}/diverged.log", "--", "python", str(_diverging(tmp_path))),
+                       tmp_path / "diverged.sbatch")
     with socket.socket() as probe:  # a port that is free in the namespace: any port is, it is private
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -96,7 +120,7 @@ def test_exit_statuses_rerun_requeue_and_taken_port(slurm, tmp_path):
         taken = _submit(slurm, _emit("--num_workers=2", "--nodes=1", f"--output={tmp_path}/taken.log", "--",
                                      "python", "-c", "import os; print('ran', os.environ['SLURM_PROCID'])"), tmp_path / "taken.sbatch",
                         env=_env(slurm, DTF_SLURM_PORT=str(port)))
-        jobs = slurm.wait_jobs([rerun, usage, taken], timeout_s=120)
+        jobs = slurm.wait_jobs([rerun, usage, taken, diverged], timeout_s=150)
         print("jobs:", {j: (v["SubmitTime"], v["StartTime"], v["EndTime"]) for j, v in jobs.items()})
     finally:
         holder.kill()
@@ -121,6 +145,13 @@ def test_exit_statuses_rerun_requeue_and_taken_port(slurm, tmp_path):
     assert re.match(rf"^\d: dtf\.slurm_task: error: port {port} on \S+ \(task \d of job {taken}\) is already in "
                     "use by another program", line), line
     assert "0: ran" not in log  # the task whose port was taken never started the command
+
+    # srun said 143 (the chief, stopped by Slurm after task 1 diverged, "saved" and exited 143), but the step's
+    # cause was the divergence: not requeued, not rerun.
+    log = (tmp_path / "diverged.log").read_text()
+    assert jobs[diverged]["JobState"] == "FAILED" and jobs[diverged]["ExitCode"] == "3:0", (jobs[diverged], log)
+    assert jobs[diverged]["Restarts"] == "0" and len(re.findall(r"^1: diverging", log, re.M)) == 1, log
+    assert "0: stopped by SIGTERM" in log and "not rerunning" in log
 
 
 RUN = ["python", "-m", "dtf.run", "--dataset=synthetic", "--model=mlp", "--epochs=2", "--steps_per_epoch=10",
