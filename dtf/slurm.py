@@ -34,16 +34,18 @@ _NAME = re.compile(r"^[\w.@%+-]+$")
 def parse_time(text: str) -> int:
     """Slurm's --time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; UserError if malformed."""
     m = _TIME.match(text.strip())
-    if not m or text.strip() in ("0", "00"):
+    seconds = 0
+    if m and m.group(1) is not None:
+        d, h, mi, s = (int(g or 0) for g in m.groups()[:4])
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    elif m:
+        parts = [int(g) for g in m.groups()[4:] if g is not None]
+        h, mi, s = [(0, parts[0], 0), (0, *parts), tuple(parts)][len(parts) - 1]
+        seconds = (h * 60 + mi) * 60 + s
+    if seconds <= 0:
         raise UserError(f"--time={text} is not a Slurm time limit; write minutes (90), HH:MM:SS (1:30:00) or "
                         "D-HH:MM:SS (2-00:00:00)")
-    if m.group(1) is not None:
-        d, h, mi, s = (int(g or 0) for g in m.groups()[:4])
-    else:
-        parts = [int(g) for g in m.groups()[4:] if g is not None]
-        d = 0
-        h, mi, s = [(0, parts[0], 0), (0, *parts), tuple(parts)][len(parts) - 1]
-    return ((d * 24 + h) * 60 + mi) * 60 + s
+    return seconds
 
 
 def layout(num_workers: int, nodes: Optional[int], tasks_per_node: Optional[int]) -> Tuple[int, int]:
