@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence
 import psutil
 
 TOOLS = ("unshare", "nsenter", "ip")
+# Daemons and `ip` live in sbin directories, which a non-login PATH (e.g. CI's) may lack.
+PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 LIFETIME_S = 3600  # the namespace's holder process ends by itself after this, whatever happens to the test
 
 
@@ -22,7 +24,7 @@ class LoopbackNamespace:
 
     @staticmethod
     def unavailable() -> Optional[str]:
-        missing = [t for t in TOOLS if shutil.which(t) is None]
+        missing = [t for t in TOOLS if shutil.which(t, path=PATH) is None]
         if missing:
             return f"not installed: {', '.join(missing)}"
         return None if os.geteuid() == 0 else "needs root for a private network namespace"
@@ -33,7 +35,7 @@ class LoopbackNamespace:
         self.holder = subprocess.Popen(
             ["unshare", "--net", "sh", "-c", "ip link set lo up && ip addr add 127.0.0.2/8 dev lo && echo ready && "
              f"exec sleep {LIFETIME_S}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)
+            start_new_session=True, env=dict(os.environ, PATH=PATH))
         ready = self.holder.stdout.readline().strip()
         if ready != "ready":
             output = ready + self.holder.stdout.read()

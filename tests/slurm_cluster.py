@@ -13,7 +13,7 @@ import subprocess
 import time
 from typing import List, Optional, Sequence
 
-from netns import LoopbackNamespace
+from netns import PATH, LoopbackNamespace
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 TOOLS = (*DAEMONS, "sbatch", "squeue", "scontrol", "scancel")
@@ -68,7 +68,7 @@ class SlurmCluster:
 
     @staticmethod
     def unavailable() -> Optional[str]:
-        missing = [t for t in TOOLS if shutil.which(t) is None]
+        missing = [t for t in TOOLS if shutil.which(t, path=PATH) is None]
         if missing:
             return f"not installed: {', '.join(missing)} (apt-get install slurm-wlm munge)"
         return LoopbackNamespace.unavailable()
@@ -78,7 +78,7 @@ class SlurmCluster:
         return self.ns.wrap(command)
 
     def env(self, **extra) -> dict:
-        return dict(os.environ, SLURM_CONF=self.conf, **extra)
+        return dict(os.environ, **{"PATH": PATH, "SLURM_CONF": self.conf, **extra})
 
     def run(self, command: Sequence[str], timeout_s: float = 60, env: Optional[dict] = None, cwd=None,
             check: bool = True) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -44,7 +43,7 @@ def slurm(tmp_path_factory):
 
 
 def _env(slurm, **extra):
-    return slurm.env(PYTHONPATH=REPO, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    return slurm.env(PYTHONPATH=REPO, PATH=os.path.dirname(sys.executable) + os.pathsep + slurm.env()["PATH"],
                      **extra)
 
 
