@@ -6,6 +6,7 @@ up front and says which field is wrong and how to fix it.
 import dataclasses
 import json
 import os
+import re
 import socket
 from typing import Dict, List, Mapping, Optional
 
@@ -191,19 +192,94 @@ def local_cluster(num_workers: int, host: str = "127.0.0.1") -> List[str]:
     return [build_tf_config(hosts, i) for i in range(num_workers)]
 
 
-# SlurmClusterResolver's default port, so a dtf.run task and a plain-TF_CONFIG task agree; task i on a node uses +i.
-SLURM_PORT = 8888
+# Per-job worker ports under Slurm: a block of PORT_STRIDE ports per (job, start), below Linux's ephemeral range
+# (32768+, where outgoing connections take their local ports), so two jobs sharing a node do not collide unless their
+# job ids are equal modulo PORT_SLOTS. Task i on a node uses block + i, so a node runs at most PORT_STRIDE tasks.
+SLURM_PORT_LOW, SLURM_PORT_STRIDE, SLURM_PORT_SLOTS = 12000, 32, 640
+SLURM_PORT_ENV = "DTF_SLURM_PORT"  # an explicit first port for the job, instead of the one derived from its id
+# A rerun or requeue moves to another block: jobs up to 100 ids apart, in their first 3 starts and 2 requeues, never
+# share one (their blocks fall in disjoint ranges of the 640).
+_RESTART_SHIFT, _REQUEUE_SHIFT = 106, 320
 
 
-def slurm_tf_config(environ: Mapping[str, str] = os.environ, port: int = SLURM_PORT) -> str:
+def _split_top_level(text: str) -> List[str]:
+    """Split on commas outside brackets: 'a[1,3],b' -> ['a[1,3]', 'b']."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current]
+
+
+def _expand_part(part: str, hostlist: str) -> List[str]:
+    """One comma-free part, its first bracket expanded and the rest recursively: 'r[1-2]-n[1,3]' -> 4 names."""
+    match = re.match(r"^([^\[\]]*)\[([^\]]+)\](.*)$", part)
+    if not match:
+        if "[" in part or "]" in part:
+            raise UserError(f"Slurm host list {hostlist!r} is malformed at {part!r}")
+        return [part]
+    prefix, ranges, rest = match.groups()
+    names = []
+    for item in ranges.split(","):
+        low, _, high = item.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise UserError(f"Slurm host list {hostlist!r} has a bad range {item!r}")
+        for n in range(int(low), int(high or low) + 1):
+            names += [f"{prefix}{str(n).zfill(len(low))}{tail}" for tail in _expand_part(rest, hostlist)]
+    return names
+
+
+def expand_hostlist(hostlist: str) -> List[str]:
+    """Slurm's compressed host list in its order: 'gpu[09-10],cpu1' -> ['gpu09', 'gpu10', 'cpu1'].
+
+    Our own parser: TF's rejects text after a bracket (and importing it would load TensorFlow in every task)."""
+    parts = _split_top_level(hostlist.strip())
+    if not all(parts):
+        raise UserError(f"Slurm host list {hostlist!r} has an empty entry")
+    return [name for part in parts for name in _expand_part(part, hostlist)]
+
+
+def expand_tasks_per_node(text: str) -> List[int]:
+    """Slurm's SLURM_TASKS_PER_NODE: '2(x3),1' -> [2, 2, 2, 1]."""
+    counts = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            raise UserError(f"Slurm tasks per node {text!r} is malformed at {part!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def slurm_port(environ: Mapping[str, str] = os.environ) -> int:
+    """The first worker port of this job's current start: $DTF_SLURM_PORT, else derived from SLURM_JOB_ID, so
+    concurrent jobs on one node use different ports, and moved by each rerun (DTF_LAUNCH_RESTART, counted by the
+    sbatch script) and requeue (SLURM_RESTART_COUNT), away from a port that was taken."""
+    if environ.get(SLURM_PORT_ENV):
+        value = environ[SLURM_PORT_ENV]
+        if not value.isdigit() or not 1024 <= int(value) <= 65535 - SLURM_PORT_STRIDE:
+            raise UserError(f"{SLURM_PORT_ENV}={value} is not a port in 1024-{65535 - SLURM_PORT_STRIDE}; "
+                            f"unset it to derive the ports from the job id")
+        return int(value)
+    job_id = environ.get("SLURM_JOB_ID", "")
+    if not job_id.isdigit():
+        raise UserError("SLURM_JOB_ID is not set: run this inside a Slurm job")
+    start = int(environ.get("DTF_LAUNCH_RESTART") or 0)
+    requeues = int(environ.get("SLURM_RESTART_COUNT") or 0)
+    slot = (int(job_id) + _RESTART_SHIFT * start + _REQUEUE_SHIFT * requeues) % SLURM_PORT_SLOTS
+    return SLURM_PORT_LOW + slot * SLURM_PORT_STRIDE
+
+
+def slurm_tf_config(environ: Mapping[str, str] = os.environ, port: Optional[int] = None) -> str:
     """TF_CONFIG for this Slurm task: workers are the step's tasks in rank order; task 0 is the chief.
 
     Ranks follow the step's node list (Slurm's block distribution), which is the order used here. (TF's
     SlurmClusterResolver sorts host names instead, which disagrees with the ranks for names like node9, node10.)
+    Ports: `port` (default `slurm_port(environ)`) + the task's position on its node.
     """
-    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (  # pylint: disable=g-direct-tensorflow-import
-        expand_hostlist, expand_tasks_per_node)
-
     def var(name):
         for key in (f"SLURM_STEP_{name}", f"SLURM_JOB_{name}"):
             if environ.get(key):
@@ -216,6 +292,10 @@ def slurm_tf_config(environ: Mapping[str, str] = os.environ, port: int = SLURM_P
     per_node = expand_tasks_per_node(var("TASKS_PER_NODE"))
     if len(per_node) != len(hosts):
         raise UserError(f"Slurm lists {len(hosts)} node(s) but tasks-per-node for {len(per_node)}")
+    if max(per_node) > SLURM_PORT_STRIDE:
+        raise UserError(f"{max(per_node)} tasks on one node; dtf gives a Slurm job at most {SLURM_PORT_STRIDE} "
+                        "ports per node, so use fewer tasks per node (one task can drive all of a node's GPUs)")
+    port = slurm_port(environ) if port is None else port
     workers = [f"{host}:{port + offset}" for host, count in zip(hosts, per_node) for offset in range(count)]
     rank = int(environ["SLURM_PROCID"])
     if not 0 <= rank < len(workers):

@@ -15,7 +15,8 @@ user error (2) or a diverged run (3) is never restarted, since a rerun would fai
 Exit status: the chief's (0 when every worker succeeded); otherwise the failed worker's (128+N for signal N); 124
 when --timeout ran out; 130/143 when the launcher itself got SIGINT/SIGTERM; 2 for bad input to the launcher.
 
-`--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests).
+`--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests,
+dtf.slurm). `--backend=ray` runs it on Ray Train workers instead of local processes (see dtf.ray).
 """
 import os
 import re
@@ -34,6 +35,7 @@ from dtf import cluster as cluster_lib
 from dtf import exitcodes
 from dtf import manifests
 from dtf import procs
+from dtf import slurm
 from dtf.errors import UserError
 from dtf.logs import get_logger
 
@@ -54,6 +56,32 @@ flags.DEFINE_string("image", None, f"Container image for --emit=tfjob (default {
                     flag_values=FLAGS)
 flags.DEFINE_string("job_name", None, f"Job name for --emit (default {manifests.DEFAULT_JOB_NAME}).",
                     flag_values=FLAGS)
+flags.DEFINE_enum("backend", "local", ["local", "ray"], "Where the workers run: local processes on 127.0.0.1, or Ray "
+                  "Train workers (dtf.ray; needs pip install -e '.[ray]').", flag_values=FLAGS)
+flags.DEFINE_string("address", None, "--backend=ray: the Ray cluster to join (default: start a local one).",
+                    flag_values=FLAGS)
+# --emit=slurm only (see dtf.slurm for the layout and restart rules).
+flags.DEFINE_integer("nodes", None, "--emit=slurm: nodes (default: one task per node, so --num_workers).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("tasks_per_node", None, "--emit=slurm: workers per node (default 1: one worker drives all of "
+                     "a node's GPUs).", flag_values=FLAGS)
+flags.DEFINE_string("gres", None, "--emit=slurm: generic resources per node, e.g. gpu:4.", flag_values=FLAGS)
+flags.DEFINE_string("time", None, "--emit=slurm: Slurm time limit, e.g. 90 or 1:30:00 (or give --timeout seconds).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("partition", None, "--emit=slurm: Slurm partition.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "--emit=slurm: the job's log file, e.g. logs/%x-%j.out.", flag_values=FLAGS)
+SLURM_FLAGS = ("nodes", "tasks_per_node", "gres", "time", "partition", "output")
+# --emit=tfjob only (see dtf.manifests).
+flags.DEFINE_string("evaluator", None, "--emit=tfjob: add an Evaluator pod running this command (one string, "
+                    "shell-quoted), outside the training cluster, e.g. 'python eval.py --model_dir=/shared/run1'.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("gpus_per_worker", None, "--emit=tfjob: GPUs per training pod (nvidia.com/gpu).",
+                     flag_values=FLAGS)
+flags.DEFINE_string("cpu", None, "--emit=tfjob: CPU per training pod, e.g. 4 or 500m.", flag_values=FLAGS)
+flags.DEFINE_string("memory", None, "--emit=tfjob: memory per training pod, e.g. 16Gi.", flag_values=FLAGS)
+flags.DEFINE_string("volume", None, "--emit=tfjob: CLAIM:/mount/path, a shared PersistentVolumeClaim mounted in "
+                    "every pod; --model_dir must be under it so restarted pods resume.", flag_values=FLAGS)
+TFJOB_FLAGS = ("evaluator", "gpus_per_worker", "cpu", "memory", "volume")
 
 HOST = "127.0.0.1"  # local clusters never listen for, or point at, another address
 PORT_RETRIES = 3
@@ -86,8 +114,18 @@ def parse_args(argv: Sequence[str]) -> List[str]:
         raise UserError(f"--emit={FLAGS.emit} is not a manifest kind; use --emit=tfjob or --emit=slurm")
     if FLAGS.emit and FLAGS.dry_run:
         raise UserError("--emit and --dry_run both print instead of running; use one of them")
-    if FLAGS.image is not None and FLAGS.emit != "tfjob":
-        raise UserError("--image only applies to --emit=tfjob; remove it or add --emit=tfjob")
+    for name in ("image", *TFJOB_FLAGS):
+        if FLAGS[name].value is not None and FLAGS.emit != "tfjob":
+            raise UserError(f"--{name} only applies to --emit=tfjob; remove it or add --emit=tfjob")
+    if FLAGS.backend == "ray":
+        for name in ("emit", "dry_run", "timeout"):
+            if FLAGS[name].value not in (None, False):
+                raise UserError(f"--{name} does not apply to --backend=ray; remove it or use --backend=local")
+    if FLAGS.address is not None and FLAGS.backend != "ray":
+        raise UserError("--address only applies to --backend=ray; remove it or add --backend=ray")
+    for name in SLURM_FLAGS:
+        if FLAGS[name].value is not None and FLAGS.emit != "slurm":
+            raise UserError(f"--{name} only applies to --emit=slurm; remove it or add --emit=slurm")
     if FLAGS.job_name is not None and not FLAGS.emit:
         raise UserError("--job_name only applies with --emit=tfjob|slurm; remove it or add --emit")
     if not command:
@@ -198,31 +236,59 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
                  max_restarts)
 
 
+def emit(command: Sequence[str]) -> str:
+    """The --emit manifest for `command`, from the parsed FLAGS."""
+    job_name = manifests.check_job_name(FLAGS.job_name or manifests.DEFAULT_JOB_NAME)
+    # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
+    max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
+    if FLAGS.emit == "tfjob":
+        evaluator = None
+        if FLAGS.evaluator is not None:
+            try:
+                evaluator = shlex.split(FLAGS.evaluator)
+            except ValueError as e:
+                raise UserError(f"--evaluator={FLAGS.evaluator} is not a shell-quoted command ({e})") from None
+            if not evaluator:
+                raise UserError("--evaluator is empty; give the evaluator's command, e.g. --evaluator='python eval.py'")
+        resources = manifests.PodResources(FLAGS.gpus_per_worker, FLAGS.cpu, FLAGS.memory)
+        volume = manifests.SharedVolume.parse(FLAGS.volume) if FLAGS.volume is not None else None
+        return manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
+                               job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout,
+                               evaluator=evaluator, resources=resources, volume=volume)
+    return slurm.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
+                        timeout_s=FLAGS.timeout, **{name: FLAGS[name].value for name in SLURM_FLAGS})
+
+
+def _ray(command: Sequence[str]) -> int:
+    """--backend=ray: the same command on Ray Train workers (imported here: Ray is an optional extra)."""
+    from dtf import ray as ray_backend
+
+    return ray_backend.fit(command, FLAGS.num_workers, address=FLAGS.address, max_restarts=FLAGS.max_restarts)
+
+
 def main(argv: Sequence[str]) -> int:
     return cli.guard("dtf.launch", lambda: _main(argv))
 
 
 def _main(argv: Sequence[str]) -> int:
     if set(cli.HELP_FLAGS) & set(argv[1:argv.index("--") if "--" in argv else None]):
-        print(__doc__ + "\nFlags:\n" + FLAGS.get_help() + "\n\n" + cli.exit_status_help())
+        print(__doc__ + "
+Flags:
+" + FLAGS.get_help() + "
+
+" + cli.exit_status_help())
         return exitcodes.OK
     command = parse_args(argv)
     if FLAGS.emit:
-        job_name = FLAGS.job_name or manifests.DEFAULT_JOB_NAME
-        # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
-        max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
-        if FLAGS.emit == "tfjob":
-            text = manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
-                                   job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout)
-        else:
-            text = manifests.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
-                                    timeout_s=FLAGS.timeout)
-        print(text, end="")
+        print(emit(command), end="")
         return exitcodes.OK
     if FLAGS.dry_run:
-        print("\n".join(tf_configs(_fresh_hosts(FLAGS.num_workers, []))))
+        print("
+".join(tf_configs(_fresh_hosts(FLAGS.num_workers, []))))
         print(shlex.join(command))
         return exitcodes.OK
+    if FLAGS.backend == "ray":
+        return _ray(command)
     procs.raise_stopped_on_signals()
     try:
         return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout)

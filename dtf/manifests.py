@@ -1,126 +1,126 @@
-"""Cluster manifests for a dtf job: a Kubeflow TFJob and a Slurm sbatch script, plus TF_CONFIG from a Slurm task.
+"""Cluster manifests for a dtf job: a Kubeflow TFJob here, the Slurm sbatch script in dtf.slurm.
 
 Both run the same command `python -m dtf.launch` would run locally; the cluster manager replaces the launcher.
-Kubeflow's Training Operator sets TF_CONFIG in each pod itself. Under Slurm, `python -m dtf.run` resolves the
-cluster itself (`--cluster_resolver=slurm`, which the script adds); any other command gets a TF_CONFIG built by
-`python -m dtf.manifests slurm_tf_config` in each task. Resuming after a restart needs `model_dir` on storage every
-worker can reach (a shared volume or filesystem): the backup is written by the chief and read by all.
+Kubeflow's Training Operator sets TF_CONFIG in each pod itself. Resuming after a restart needs `model_dir` on storage
+every worker can reach (a shared volume or object store): the backup is written by the chief and read by all.
 """
+import dataclasses
 import math
 import re
-import shlex
-import sys
 from typing import Optional, Sequence
 
 import yaml
 
-from dtf.cluster import slurm_tf_config
 from dtf.errors import UserError
 
 KINDS = ("tfjob", "slurm")
 DEFAULT_IMAGE = "dtf:latest"
 DEFAULT_JOB_NAME = "dtf-job"
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # DNS-1035
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
 def check_job_name(name: str) -> str:
-    """Kubernetes object names (and so TFJob pod names) must be DNS labels; Slurm accepts those too."""
+    """TFJob names must be DNS-1035 labels (the Training Operator's webhook checks it); Slurm accepts those too."""
     if len(name) > 63 or not _DNS_LABEL.match(name):
         raise UserError(f"--job_name={name!r} is not a valid job name; use up to 63 lowercase letters, digits and "
-                        "'-', starting and ending with a letter or digit, e.g. --job_name=mnist-run1")
+                        "'-', starting with a letter and ending with a letter or digit, e.g. --job_name=mnist-run1")
     return name
 
 
-def _replica(count: int, image: str, command: Sequence[str]) -> dict:
-    return {
-        "replicas": count,
-        "restartPolicy": "OnFailure",
-        "template": {"spec": {"containers": [{
-            "name": "tensorflow",  # the Training Operator finds the TF container by this name
-            "image": image,
-            "command": list(command),
-        }]}},
+@dataclasses.dataclass(frozen=True)
+class PodResources:
+    """What each training pod asks for; requests equal limits (Kubernetes' Guaranteed class: never evicted first)."""
+
+    gpus: Optional[int] = None
+    cpu: Optional[str] = None
+    memory: Optional[str] = None
+
+    def __post_init__(self):
+        if self.gpus is not None and self.gpus < 1:
+            raise UserError(f"--gpus_per_worker must be >= 1, got {self.gpus}; leave it out for CPU-only pods")
+        for flag, value, example in (("--cpu", self.cpu, "4 or 500m"), ("--memory", self.memory, "16Gi")):
+            if value is not None and not _QUANTITY.match(value):
+                raise UserError(f"{flag}={value} is not a Kubernetes quantity; write e.g. {flag}={example.split()[0]} "
+                                f"({example})")
+
+    def to_k8s(self) -> Optional[dict]:
+        amounts = {k: v for k, v in (("cpu", self.cpu), ("memory", self.memory),
+                                     ("nvidia.com/gpu", None if self.gpus is None else str(self.gpus))) if v}
+        return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedVolume:
+    """A PersistentVolumeClaim (ReadWriteMany) mounted in every pod: where model_dir lives, so a restarted pod
+    resumes from the chief's backup. Given as --volume=CLAIM:/mount/path."""
+
+    claim: str
+    mount_path: str
+
+    @classmethod
+    def parse(cls, text: str) -> "SharedVolume":
+        claim, _, path = text.partition(":")
+        if not _DNS_SUBDOMAIN.match(claim) or not path.startswith("/"):
+            raise UserError(f"--volume={text} is not CLAIM:/mount/path; write e.g. --volume=dtf-runs:/shared for the "
+                            "PersistentVolumeClaim dtf-runs mounted at /shared")
+        return cls(claim, path.rstrip("/") or "/")
+
+    def check_model_dir(self, command: Sequence[str]):
+        """The model_dir in a dtf command must be on the volume (or an object store URL such as gs://...): pod-local
+        files vanish with a restarted pod."""
+        for arg in command:
+            if arg.startswith("--model_dir="):
+                model_dir = arg.split("=", 1)[1]
+                if "://" not in model_dir and not (model_dir + "/").startswith(self.mount_path.rstrip("/") + "/"):
+                    raise UserError(f"--model_dir={model_dir} is not on the shared volume mounted at "
+                                    f"{self.mount_path}; put it there, e.g. --model_dir={self.mount_path}/run1, so a "
+                                    "restarted pod resumes from the chief's backup")
+
+
+def _replica(count: int, image: str, command: Sequence[str], resources: PodResources,
+             volume: Optional[SharedVolume]) -> dict:
+    container = {
+        "name": "tensorflow",  # the Training Operator finds the TF container by this name
+        "image": image,
+        "command": list(command),
     }
+    pod = {"containers": [container]}
+    if resources.to_k8s():
+        container["resources"] = resources.to_k8s()
+    if volume:
+        container["volumeMounts"] = [{"name": "dtf-shared", "mountPath": volume.mount_path}]
+        pod["volumes"] = [{"name": "dtf-shared", "persistentVolumeClaim": {"claimName": volume.claim}}]
+    # ExitCode: the operator restarts a pod after 128-255 (143: preempted/SIGTERM, 137: SIGKILL/OOM) and never after
+    # 1-127 (2: user error, 3: diverged) -- dtf.exitcodes was chosen for this.
+    return {"replicas": count, "restartPolicy": "ExitCode", "template": {"spec": pod}}
 
 
 def tfjob(command: Sequence[str], num_workers: int, *, image: str = DEFAULT_IMAGE, job_name: str = DEFAULT_JOB_NAME,
-          max_restarts: Optional[int] = None, timeout_s: Optional[float] = None) -> str:
-    """A Kubeflow TFJob (kubeflow.org/v1): one Chief plus `num_workers - 1` Workers, each running `command`.
+          max_restarts: Optional[int] = None, timeout_s: Optional[float] = None,
+          evaluator: Optional[Sequence[str]] = None, resources: PodResources = PodResources(),
+          volume: Optional[SharedVolume] = None) -> str:
+    """A Kubeflow TFJob (kubeflow.org/v1): one Chief plus `num_workers - 1` Workers, each running `command`, and an
+    Evaluator running `evaluator` if given (outside the training cluster; it reads the chief's outputs on the volume).
 
     `max_restarts` becomes runPolicy.backoffLimit and `timeout_s` activeDeadlineSeconds, so the flags mean what they
-    mean for the local launcher.
+    mean for the local launcher. `resources` apply to the training pods.
     """
-    specs = {"Chief": _replica(1, image, command)}
+    if volume:
+        volume.check_model_dir(command)
+    specs = {"Chief": _replica(1, image, command, resources, volume)}
     if num_workers > 1:
-        specs["Worker"] = _replica(num_workers - 1, image, command)
-    spec = {"tfReplicaSpecs": specs}
-    run_policy = {}
+        specs["Worker"] = _replica(num_workers - 1, image, command, resources, volume)
+    if evaluator:
+        specs["Evaluator"] = _replica(1, image, evaluator, PodResources(), volume)
+    # Running: when the chief is done, pods still running (the evaluator's loop, a hung worker) are deleted.
+    run_policy = {"cleanPodPolicy": "Running"}
     if max_restarts is not None:
         run_policy["backoffLimit"] = max_restarts
     if timeout_s is not None:
         run_policy["activeDeadlineSeconds"] = math.ceil(timeout_s)
-    if run_policy:
-        spec["runPolicy"] = run_policy
+    spec = {"tfReplicaSpecs": specs, "runPolicy": run_policy}
     manifest = {"apiVersion": "kubeflow.org/v1", "kind": "TFJob",
                 "metadata": {"name": check_job_name(job_name)}, "spec": spec}
     return yaml.safe_dump(manifest, sort_keys=False)
-
-
-def is_dtf_run(command: Sequence[str]) -> bool:
-    return any(a == "-m" and b == "dtf.run" for a, b in zip(command, command[1:]))
-
-
-def _slurm_task_command(command: Sequence[str]) -> str:
-    """The srun payload: dtf.run gets --cluster_resolver=slurm; anything else runs with a TF_CONFIG from Slurm."""
-    if is_dtf_run(command):
-        command = list(command)
-        if not any(a.startswith("--cluster_resolver") for a in command):
-            at = command.index("dtf.run") + 1  # before any '--' the user's command may contain
-            command[at:at] = ["--cluster_resolver=slurm"]
-        return shlex.join(command)
-    wrapper = ('TF_CONFIG="$(python -m dtf.manifests slurm_tf_config)" && export TF_CONFIG && exec "$@"')
-    return shlex.join(["bash", "-c", wrapper, "dtf-task", *command])
-
-
-def sbatch(command: Sequence[str], num_workers: int, *, job_name: str = DEFAULT_JOB_NAME,
-           max_restarts: Optional[int] = None, timeout_s: Optional[float] = None) -> str:
-    """An sbatch script: one task per node on `num_workers` nodes, all running `command` in one srun step.
-
-    `--kill-on-bad-exit` ends the step when any task fails (as the local launcher does); the step is then rerun up
-    to `max_restarts` times with DTF_LAUNCH_RESTART set, and resumes from the backup in the shared model_dir.
-    """
-    lines = ["#!/bin/bash",
-             f"#SBATCH --job-name={check_job_name(job_name)}",
-             f"#SBATCH --nodes={num_workers}",
-             "#SBATCH --ntasks-per-node=1"]
-    if timeout_s is not None:
-        lines.append(f"#SBATCH --time={math.ceil(timeout_s / 60)}")
-    lines += ["set -u",
-              "# Written by `python -m dtf.launch --emit=slurm`. Task 0 (the first node) is the chief.",
-              f"for attempt in $(seq 0 {max_restarts or 0}); do",
-              "  export DTF_LAUNCH_RESTART=$attempt",
-              f"  srun --nodes={num_workers} --ntasks-per-node=1 --kill-on-bad-exit=1 {_slurm_task_command(command)}",
-              "  status=$?",
-              "  [ $status -eq 0 ] && exit 0",
-              '  echo "dtf: srun step failed with status $status (attempt $attempt)" >&2',
-              "done",
-              "exit $status"]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: Sequence[str]) -> int:
-    """`python -m dtf.manifests slurm_tf_config`: print this Slurm task's TF_CONFIG (used by the sbatch script)."""
-    if list(argv[1:]) != ["slurm_tf_config"]:
-        print("dtf.manifests: error: usage: python -m dtf.manifests slurm_tf_config (inside a Slurm step)",
-              file=sys.stderr)
-        return 2
-    try:
-        print(slurm_tf_config())
-    except UserError as e:
-        print(f"dtf.manifests: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

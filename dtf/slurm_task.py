@@ -1,0 +1,97 @@
+"""`python -m dtf.slurm_task -- <command...>`: one task of a dtf Slurm step (the sbatch script runs it under srun).
+
+Sets TF_CONFIG from the step's environment (tasks in rank order, task 0 the chief, ports chosen per job: see
+`dtf.cluster.slurm_port`), checks that this task's port is free so a taken port is reported in one line that names
+it (TensorFlow only says "Could not start gRPC server"), then runs the command and reports its exit status in one
+line, which the sbatch script reads to find the task that failed first.
+
+Exit status: the command's; 1 when the port is taken (a crash: the script reruns the step on other ports, counted as a
+restart); 2 outside a Slurm step or with bad input.
+"""
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Mapping, Sequence
+
+from dtf import cluster as cluster_lib
+from dtf.errors import UserError
+
+PORT_TAKEN_STATUS = 1
+
+
+class PortTaken(Exception):
+    """This task's worker port is already bound by another program (or job) on this node."""
+
+
+def check_port_free(port: int, host: str):
+    """Bind the port on all interfaces, as TensorFlow's gRPC server will (with SO_REUSEADDR, as gRPC does, so a
+    socket in TIME_WAIT from an earlier start is not mistaken for a listener)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))  # the check mirrors TF's bind; it listens on nothing
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortTaken(port, host) from None
+        raise
+    finally:
+        s.close()
+
+
+def task_tf_config(environ: Mapping[str, str]) -> str:
+    """This task's TF_CONFIG, after checking that its own port is free (raises PortTaken)."""
+    tf_config = cluster_lib.slurm_tf_config(environ)
+    host, _, port = cluster_lib.parse_tf_config(tf_config).address.rpartition(":")
+    check_port_free(int(port), host)
+    return tf_config
+
+
+def _run(command: Sequence[str], environ: Mapping[str, str]) -> int:
+    try:
+        tf_config = task_tf_config(environ)
+    except UserError as e:
+        print(f"dtf.slurm_task: error: {e}", file=sys.stderr)
+        return 2
+    except PortTaken as e:
+        print(f"dtf.slurm_task: error: port {e.args[0]} on {e.args[1]} (task {environ['SLURM_PROCID']} of job "
+              f"{environ.get('SLURM_JOB_ID', '?')}) is already in use by another program; the job script reruns "
+              f"the step on other ports while --max_restarts allows, or set {cluster_lib.SLURM_PORT_ENV}=<a free "
+              f"port> for the job", file=sys.stderr)
+        return PORT_TAKEN_STATUS
+    if environ["SLURM_PROCID"] == "0":
+        workers = json.loads(tf_config)["cluster"]["worker"]
+        print(f"dtf.slurm_task: {len(workers)} worker(s): {','.join(workers)} (task 0 is the chief)", flush=True)
+    # Slurm signals every process of the step; the command handles SIGTERM (or is SIGKILLed after KillWait). We only
+    # outlive it to report its status, so SIGTERM/SIGINT must not end us first (a no-op handler, which, unlike
+    # SIG_IGN, the command does not inherit).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        proc = subprocess.Popen(list(command), env=dict(environ, TF_CONFIG=tf_config))
+    except OSError as e:
+        print(f"dtf.slurm_task: error: cannot run {command[0]!r}: {e.strerror}", file=sys.stderr)
+        return 2
+    status = proc.wait()
+    return 128 - status if status < 0 else status
+
+
+def main(argv: Sequence[str]) -> int:
+    command = list(argv[2:]) if argv[1:2] == ["--"] else []
+    if not command:
+        print("dtf.slurm_task: error: usage: python -m dtf.slurm_task -- <command...> (inside a Slurm job step)",
+              file=sys.stderr)
+        return 2
+    status = _run(command, os.environ)
+    if "SLURM_PROCID" in os.environ:
+        # The sbatch script reads this line: srun reports only the highest status of all tasks (a peer stopped by
+        # SIGTERM after another failed says 143), but the step's cause is the first task that failed.
+        print(f"dtf.slurm_task: exited with status {status}", file=sys.stderr, flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
