@@ -272,19 +272,14 @@ def main(argv: Sequence[str]) -> int:
 
 def _main(argv: Sequence[str]) -> int:
     if set(cli.HELP_FLAGS) & set(argv[1:argv.index("--") if "--" in argv else None]):
-        print(__doc__ + "
-Flags:
-" + FLAGS.get_help() + "
-
-" + cli.exit_status_help())
+        print(__doc__ + "\nFlags:\n" + FLAGS.get_help() + "\n\n" + cli.exit_status_help())
         return exitcodes.OK
     command = parse_args(argv)
     if FLAGS.emit:
         print(emit(command), end="")
         return exitcodes.OK
     if FLAGS.dry_run:
-        print("
-".join(tf_configs(_fresh_hosts(FLAGS.num_workers, []))))
+        print("\n".join(tf_configs(_fresh_hosts(FLAGS.num_workers, []))))
         print(shlex.join(command))
         return exitcodes.OK
     if FLAGS.backend == "ray":
