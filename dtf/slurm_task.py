@@ -17,17 +17,26 @@ import subprocess
 import sys
 from typing import Mapping, Sequence
 
+from dtf import cli
 from dtf import cluster as cluster_lib
-from dtf.errors import UserError
-
-PORT_TAKEN_STATUS = 1
-
-
-class PortTaken(Exception):
-    """This task's worker port is already bound by another program (or job) on this node."""
+from dtf import exitcodes
+from dtf.errors import DtfError, UserError
 
 
-def check_port_free(port: int, host: str):
+class PortTaken(DtfError):
+    """This task's worker port is already bound by another program (or job) on this node: a crash, so the script
+    reruns the step on other ports."""
+
+    exit_status = exitcodes.CRASH
+
+    def __init__(self, port: int, host: str, environ: Mapping[str, str]):
+        super().__init__(f"port {port} on {host} (task {environ['SLURM_PROCID']} of job "
+                         f"{environ.get('SLURM_JOB_ID', '?')}) is already in use by another program; the job script "
+                         f"reruns the step on other ports while --max_restarts allows, or set "
+                         f"{cluster_lib.SLURM_PORT_ENV}=<a free port> for the job")
+
+
+def check_port_free(port: int, host: str, environ: Mapping[str, str]):
     """Bind the port on all interfaces, as TensorFlow's gRPC server will (with SO_REUSEADDR, as gRPC does, so a
     socket in TIME_WAIT from an earlier start is not mistaken for a listener)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -36,7 +45,7 @@ def check_port_free(port: int, host: str):
         s.bind(("0.0.0.0", port))  # the check mirrors TF's bind; it listens on nothing
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise PortTaken(port, host) from None
+            raise PortTaken(port, host, environ) from None
         raise
     finally:
         s.close()
@@ -46,22 +55,12 @@ def task_tf_config(environ: Mapping[str, str]) -> str:
     """This task's TF_CONFIG, after checking that its own port is free (raises PortTaken)."""
     tf_config = cluster_lib.slurm_tf_config(environ)
     host, _, port = cluster_lib.parse_tf_config(tf_config).address.rpartition(":")
-    check_port_free(int(port), host)
+    check_port_free(int(port), host, environ)
     return tf_config
 
 
 def _run(command: Sequence[str], environ: Mapping[str, str]) -> int:
-    try:
-        tf_config = task_tf_config(environ)
-    except UserError as e:
-        print(f"dtf.slurm_task: error: {e}", file=sys.stderr)
-        return 2
-    except PortTaken as e:
-        print(f"dtf.slurm_task: error: port {e.args[0]} on {e.args[1]} (task {environ['SLURM_PROCID']} of job "
-              f"{environ.get('SLURM_JOB_ID', '?')}) is already in use by another program; the job script reruns "
-              f"the step on other ports while --max_restarts allows, or set {cluster_lib.SLURM_PORT_ENV}=<a free "
-              f"port> for the job", file=sys.stderr)
-        return PORT_TAKEN_STATUS
+    tf_config = task_tf_config(environ)
     if environ["SLURM_PROCID"] == "0":
         workers = json.loads(tf_config)["cluster"]["worker"]
         print(f"dtf.slurm_task: {len(workers)} worker(s): {','.join(workers)} (task 0 is the chief)", flush=True)
@@ -73,19 +72,20 @@ def _run(command: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         proc = subprocess.Popen(list(command), env=dict(environ, TF_CONFIG=tf_config))
     except OSError as e:
-        print(f"dtf.slurm_task: error: cannot run {command[0]!r}: {e.strerror}", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot run {command[0]!r}: {e.strerror}") from None
     status = proc.wait()
     return 128 - status if status < 0 else status
 
 
 def main(argv: Sequence[str]) -> int:
     command = list(argv[2:]) if argv[1:2] == ["--"] else []
-    if not command:
-        print("dtf.slurm_task: error: usage: python -m dtf.slurm_task -- <command...> (inside a Slurm job step)",
-              file=sys.stderr)
-        return 2
-    status = _run(command, os.environ)
+
+    def run() -> int:
+        if not command:
+            raise UserError("usage: python -m dtf.slurm_task -- <command...> (inside a Slurm job step)")
+        return _run(command, os.environ)
+
+    status = cli.guard("dtf.slurm_task", run)
     if "SLURM_PROCID" in os.environ:
         # The sbatch script reads this line: srun reports only the highest status of all tasks (a peer stopped by
         # SIGTERM after another failed says 143), but the step's cause is the first task that failed.
