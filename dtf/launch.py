@@ -15,6 +15,10 @@ user error (2) or a diverged run (3) is never restarted, since a rerun would fai
 Exit status: the chief's (0 when every worker succeeded); otherwise the failed worker's (128+N for signal N); 124
 when --timeout ran out; 130/143 when the launcher itself got SIGINT/SIGTERM; 2 for bad input to the launcher.
 
+Security: TensorFlow's worker servers listen on every interface, unauthenticated, whatever TF_CONFIG says; the
+launcher therefore runs the group in a private network namespace with loopback only (--isolate_network, the default),
+where nothing outside this host can reach them (nor can the workers reach the network).
+
 `--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests,
 dtf.slurm). `--backend=ray` runs it on Ray Train workers instead of local processes (see dtf.ray).
 """
@@ -34,6 +38,7 @@ from dtf import cli
 from dtf import cluster as cluster_lib
 from dtf import exitcodes
 from dtf import manifests
+from dtf import netns
 from dtf import procs
 from dtf import slurm
 from dtf.errors import UserError
@@ -48,6 +53,10 @@ flags.DEFINE_integer("max_restarts", 0, "Restart the whole group up to this many
                      flag_values=FLAGS)
 flags.DEFINE_float("timeout", None, "Seconds the whole job (all restarts included) may take; then stop everyone.",
                    flag_values=FLAGS)
+flags.DEFINE_bool("isolate_network", True, "Run the workers in a private network namespace with only loopback "
+                  "(Linux): their TensorFlow servers listen on every interface, and this keeps them unreachable from "
+                  "other hosts. --noisolate_network for workers that need the network (e.g. a gs:// model_dir), on a "
+                  "trusted network only.", flag_values=FLAGS)
 flags.DEFINE_bool("dry_run", False, "Print each worker's TF_CONFIG (one JSON per line) and the command; start nothing.",
                   flag_values=FLAGS)
 flags.DEFINE_string("emit", None, f"Print a cluster manifest instead of running: one of {', '.join(manifests.KINDS)}.",
@@ -284,6 +293,14 @@ def _main(argv: Sequence[str]) -> int:
         return exitcodes.OK
     if FLAGS.backend == "ray":
         return _ray(command)
+    if FLAGS.isolate_network:
+        refused = netns.isolate()
+        if refused:
+            raise UserError(f"--isolate_network: cannot give the workers a private network here ({refused}); on a "
+                            "trusted network, rerun with --noisolate_network")
+        os.environ[netns.ISOLATED_ENV] = "1"
+        log.info("launch: workers run in a private network namespace with loopback only: their TensorFlow servers "
+                 "(which listen on every interface) are unreachable from other hosts")
     procs.raise_stopped_on_signals()
     try:
         return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout)

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from dtf import cluster as cluster_lib
+from dtf import netns
 from dtf import keras_compat
 from dtf.choices import COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, STRATEGIES
 from dtf.errors import UserError
@@ -171,6 +172,10 @@ def _multi_worker(info, communication: str, timeout_s: float):
     coordination service's register timeout took effect on TF 2.21), which looks like a silent hang. A watchdog
     process ends this one with one clear line instead; a half-joined cluster cannot be recovered in-process.
     """
+    if not netns.isolated_by_launcher():
+        port = info.address.rpartition(":")[2]
+        log.warning(f"{info.worker_id}: TensorFlow's server listens on 0.0.0.0:{port} (every interface, "
+                    "unauthenticated, runs any graph it is sent); run multi-worker jobs on a trusted network only")
     others = [a for a in info.worker_addresses if a != info.address]
     message = (f"dtf: error: {info.worker_id} could not reach the other workers ({', '.join(others)}) within "
                f"{timeout_s:g}s; start every worker in TF_CONFIG and check the addresses (or raise --cluster_timeout)")
