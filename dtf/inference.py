@@ -103,6 +103,8 @@ def predict(model: keras.Model, strategy: tf.distribute.Strategy, split: Dataset
     preprocess_batch: the task's `preprocess_batch(batch, training=False)`. values: one of OUTPUT_VALUES.
     on_step(examples done, seconds): progress after each step.
     """
+    if values not in OUTPUT_VALUES:
+        raise UserError(f"--output_values={values!r} is not valid; choose one of: {', '.join(OUTPUT_VALUES)}")
     data = data_lib.distribute_dataset(strategy, _indexed(split), global_batch_size, training=False,
                                        preprocess_batch=_features_batch(preprocess_batch))
     transform = _transform(values, outputs_probabilities(model))
@@ -129,9 +131,10 @@ def predict(model: keras.Model, strategy: tf.distribute.Strategy, split: Dataset
     seconds = time.perf_counter() - start
     order = np.argsort(np.concatenate(positions), kind="stable")
     position = np.concatenate(positions)[order]
-    if not np.array_equal(position, np.arange(split.num_examples)):  # dtf's invariant, not a user error
-        raise RuntimeError(f"inference saw {len(position)} rows with {len(np.unique(position))} distinct positions "
-                           f"for {split.num_examples} examples")
+    if not np.array_equal(position, np.arange(split.num_examples)):
+        raise UserError(f"{split.name} {split.split}: the workers saw {len(np.unique(position))} distinct positions "
+                        f"for {split.num_examples} examples; its order must be the same on every worker (no unseeded "
+                        "shuffle or random sampling in the data)")
     names = output_names(out)
     outputs = {name: np.concatenate([c[i] for c in chunks])[order] for i, name in enumerate(names)}
     return Predictions(outputs=outputs, num_examples=split.num_examples, num_replicas=strategy.num_replicas_in_sync,

@@ -74,9 +74,8 @@ def _data(config, split_name: str):
         split = task_lib.split(task, label, split_name)
         overridden = type(task).preprocess_batch is not task_lib.Task.preprocess_batch
         return split, (lambda batch: task.preprocess_batch(batch, training=False)) if overridden else None, label
-    if not config.dataset:
-        raise UserError("give the data to predict: --dataset=NAME or --task=module:Attr (with --split)")
-    return datasets.load(config.dataset, split_name, config.data_dir), None, f"--dataset={config.dataset}"
+    dataset = config.dataset or task_lib.DEFAULT_DATASET
+    return datasets.load(dataset, split_name, config.data_dir), None, f"--dataset={dataset}"
 
 
 def _check_fit(model, split, preprocess_batch, model_label: str, data_label: str):
