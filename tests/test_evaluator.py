@@ -100,3 +100,20 @@ def test_bad_evaluator_command_is_one_line_exit_2(capsys, value, words):
     assert launch.main(["dtf.launch", "--num_workers=2", f"--evaluator={value}", "--", "python"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dtf.launch: error: ") and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_finished_run_is_scored_once_and_a_restart_scores_nothing_again(tmp_path):
+    """`--mode=evaluate_continuously` on a run that already ended: it scores its checkpoints and returns; run again,
+    it finds them in eval_results.json and writes nothing new."""
+    from dtf import evaluator, train
+    from dtf.config import Config
+
+    config = Config(task=f"{os.path.abspath(tasks_for_tests.__file__)}:Regression", epochs=2, checkpoint_every=1,
+                    global_batch_size=32, base_lr=0.05, lr_scaling="none", model_dir=str(tmp_path), strategy="default")
+    train.run_experiment(config)
+    results = evaluator.evaluate_continuously(config, "mean_absolute_error", "min")
+    assert [c["step"] for c in results["checkpoints"].values()] == [10, 20]
+    written = (tmp_path / "eval_results.json").read_text()
+    assert json.loads(written) == json.loads(json.dumps(results))
+    assert evaluator.evaluate_continuously(config, "mean_absolute_error", "min") == json.loads(written)
+    assert (tmp_path / "eval_results.json").read_text() == written
