@@ -46,10 +46,10 @@ def _convert(field, value):
     return value
 
 
-def define_flags(flag_values=FLAGS):
-    """Register one absl flag per Config field (idempotent per FlagValues)."""
+def define_flags(flag_values=FLAGS, names: Optional[Sequence[str]] = None):
+    """Register one absl flag per Config field, or only those in `names` (idempotent per FlagValues)."""
     for field in dataclasses.fields(config_lib.Config):
-        if field.name in flag_values or not field.metadata["flag"]:
+        if field.name in flag_values or not field.metadata["flag"] or (names is not None and field.name not in names):
             continue
         meta, base = field.metadata, _kind(field)
         module = f"dtf: {meta['group']}"

@@ -22,6 +22,7 @@ where nothing outside this host can reach them (nor can the workers reach the ne
 `--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests,
 dtf.slurm). `--backend=ray` runs it on Ray Train workers instead of local processes (see dtf.ray).
 """
+import json
 import os
 import re
 import shlex
@@ -63,6 +64,9 @@ flags.DEFINE_string("emit", None, f"Print a cluster manifest instead of running:
                     flag_values=FLAGS)
 flags.DEFINE_string("image", None, f"Container image for --emit=tfjob (default {manifests.DEFAULT_IMAGE}).",
                     flag_values=FLAGS)
+flags.DEFINE_string("evaluator", None, "Also run this command (one shell-quoted string, e.g. the same dtf.run command) "
+                    "as the TF_CONFIG evaluator task: beside the local workers, or as the Evaluator pod with "
+                    "--emit=tfjob. It scores the chief's checkpoints and never joins training.", flag_values=FLAGS)
 flags.DEFINE_string("job_name", None, f"Job name for --emit (default {manifests.DEFAULT_JOB_NAME}).",
                     flag_values=FLAGS)
 flags.DEFINE_enum("backend", "local", ["local", "ray"], "Where the workers run: local processes on 127.0.0.1, or Ray "
@@ -81,16 +85,13 @@ flags.DEFINE_string("partition", None, "--emit=slurm: Slurm partition.", flag_va
 flags.DEFINE_string("output", None, "--emit=slurm: the job's log file, e.g. logs/%x-%j.out.", flag_values=FLAGS)
 SLURM_FLAGS = ("nodes", "tasks_per_node", "gres", "time", "partition", "output")
 # --emit=tfjob only (see dtf.manifests).
-flags.DEFINE_string("evaluator", None, "--emit=tfjob: add an Evaluator pod running this command (one string, "
-                    "shell-quoted), outside the training cluster, e.g. 'python eval.py --model_dir=/shared/run1'.",
-                    flag_values=FLAGS)
 flags.DEFINE_integer("gpus_per_worker", None, "--emit=tfjob: GPUs per training pod (nvidia.com/gpu).",
                      flag_values=FLAGS)
 flags.DEFINE_string("cpu", None, "--emit=tfjob: CPU per training pod, e.g. 4 or 500m.", flag_values=FLAGS)
 flags.DEFINE_string("memory", None, "--emit=tfjob: memory per training pod, e.g. 16Gi.", flag_values=FLAGS)
 flags.DEFINE_string("volume", None, "--emit=tfjob: CLAIM:/mount/path, a shared PersistentVolumeClaim mounted in "
                     "every pod; --model_dir must be under it so restarted pods resume.", flag_values=FLAGS)
-TFJOB_FLAGS = ("evaluator", "gpus_per_worker", "cpu", "memory", "volume")
+TFJOB_FLAGS = ("gpus_per_worker", "cpu", "memory", "volume")
 
 HOST = "127.0.0.1"  # local clusters never listen for, or point at, another address
 PORT_RETRIES = 3
@@ -127,7 +128,7 @@ def parse_args(argv: Sequence[str]) -> List[str]:
         if FLAGS[name].value is not None and FLAGS.emit != "tfjob":
             raise UserError(f"--{name} only applies to --emit=tfjob; remove it or add --emit=tfjob")
     if FLAGS.backend == "ray":
-        for name in ("emit", "dry_run", "timeout"):
+        for name in ("emit", "dry_run", "timeout", "evaluator"):
             if FLAGS[name].value not in (None, False):
                 raise UserError(f"--{name} does not apply to --backend=ray; remove it or use --backend=local")
     if FLAGS.address is not None and FLAGS.backend != "ray":
@@ -137,12 +138,27 @@ def parse_args(argv: Sequence[str]) -> List[str]:
             raise UserError(f"--{name} only applies to --emit=slurm; remove it or add --emit=slurm")
     if FLAGS.job_name is not None and not FLAGS.emit:
         raise UserError("--job_name only applies with --emit=tfjob|slurm; remove it or add --emit")
+    if FLAGS.evaluator is not None and FLAGS.emit == "slurm":
+        raise UserError("--evaluator is not part of --emit=slurm yet; submit the evaluator as its own job, or remove it")
+    if FLAGS.evaluator is not None and not evaluator_command():
+        raise UserError("--evaluator is empty; give the evaluator's command, e.g. --evaluator='python -m dtf.run "
+                        "--flagfile=exp.flags'")
     if not command:
         raise UserError("no command to launch; put it after '--', e.g. "
                         "python -m dtf.launch --num_workers=2 -- python train.py")
     if not (FLAGS.emit or FLAGS.dry_run) and shutil.which(command[0]) is None:
         raise UserError(f"command {command[0]!r} after '--' was not found; give a program on PATH or a path to one")
     return command
+
+
+def evaluator_command() -> Optional[List[str]]:
+    """--evaluator as an argument list (None when not given)."""
+    if FLAGS.evaluator is None:
+        return None
+    try:
+        return shlex.split(FLAGS.evaluator)
+    except ValueError as e:
+        raise UserError(f"--evaluator={FLAGS.evaluator} is not a shell-quoted command ({e})") from None
 
 
 def _fresh_hosts(num_workers: int, avoid: Sequence[str]) -> List[str]:
@@ -153,8 +169,14 @@ def _fresh_hosts(num_workers: int, avoid: Sequence[str]) -> List[str]:
             return hosts
 
 
-def tf_configs(hosts: Sequence[str]) -> List[str]:
-    return [cluster_lib.build_tf_config(list(hosts), i) for i in range(len(hosts))]
+def tf_configs(hosts: Sequence[str], evaluator_host: Optional[str] = None) -> List[str]:
+    """One TF_CONFIG per worker, then the evaluator's (its address is in every cluster spec, as TF expects)."""
+    configs = [cluster_lib.build_tf_config(list(hosts), i) for i in range(len(hosts))]
+    if evaluator_host is None:
+        return configs
+    cluster = {"worker": list(hosts), "evaluator": [evaluator_host]}
+    return [json.dumps({**json.loads(c), "cluster": cluster}) for c in configs] + [
+        json.dumps({"cluster": cluster, "task": {"type": "evaluator", "index": 0}})]
 
 
 def _exit_status(returncode: int) -> int:
@@ -167,15 +189,15 @@ class _Printer:
     If our stdout goes away (the reader closed the pipe), lines are dropped rather than raising: the worker pipes
     must keep being drained, or a worker blocks writing and the job hangs."""
 
-    def __init__(self, out):
-        self._out, self._lock, self._broken = out, threading.Lock(), False
+    def __init__(self, out, role=procs.role):
+        self._out, self._role, self._lock, self._broken = out, role, threading.Lock(), False
 
     def __call__(self, index: int, line: str):
         with self._lock:
             if self._broken:
                 return
             try:
-                self._out.write(f"[{procs.role(index)}] {line}\n")
+                self._out.write(f"[{self._role(index)}] {line}\n")
                 self._out.flush()
             except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
                 self._broken = True
@@ -194,15 +216,15 @@ def _report_failure(result: procs.GroupResult, hosts: Sequence[str]) -> Tuple[in
 
 
 def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
-           timeout_s: Optional[float] = None) -> int:
+           timeout_s: Optional[float] = None, evaluator: Optional[Sequence[str]] = None) -> int:
     """Run `command` as `num_workers` local workers until they all succeed, restarting after failures; see module doc."""
-    printer = _Printer(sys.stdout)
+    printer = _Printer(sys.stdout, lambda i: "evaluator" if i == num_workers else procs.role(i))
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     restarts = port_retries = start = 0
     hosts: List[str] = []
     began = time.monotonic()
     while True:
-        hosts = _fresh_hosts(num_workers, hosts)
+        hosts = _fresh_hosts(num_workers + bool(evaluator), hosts)
         log.info("launch: starting %d worker(s) on %s (DTF_LAUNCH_RESTART=%d)", num_workers, ",".join(hosts), start)
 
         def on_start(started, hosts=hosts):
@@ -210,7 +232,9 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
                 log.info("launch: %s pid %d (%s)", procs.role(i), p.pid, hosts[i])
 
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        result = procs.run_group(command, tf_configs(hosts), env=dict(os.environ, DTF_LAUNCH_RESTART=str(start)),
+        configs = tf_configs(hosts[:num_workers], hosts[num_workers] if evaluator else None)
+        result = procs.run_group(command, configs, env=dict(os.environ, DTF_LAUNCH_RESTART=str(start)),
+                                 process_commands=[None] * num_workers + [evaluator] if evaluator else None,
                                  timeout_s=remaining, on_line=printer, on_start=on_start)
         start += 1
         if result.ok:
@@ -251,19 +275,11 @@ def emit(command: Sequence[str]) -> str:
     # Unset: the cluster manager's own default (e.g. TFJob's backoffLimit), not ours.
     max_restarts = FLAGS.max_restarts if FLAGS["max_restarts"].present else None
     if FLAGS.emit == "tfjob":
-        evaluator = None
-        if FLAGS.evaluator is not None:
-            try:
-                evaluator = shlex.split(FLAGS.evaluator)
-            except ValueError as e:
-                raise UserError(f"--evaluator={FLAGS.evaluator} is not a shell-quoted command ({e})") from None
-            if not evaluator:
-                raise UserError("--evaluator is empty; give the evaluator's command, e.g. --evaluator='python eval.py'")
         resources = manifests.PodResources(FLAGS.gpus_per_worker, FLAGS.cpu, FLAGS.memory)
         volume = manifests.SharedVolume.parse(FLAGS.volume) if FLAGS.volume is not None else None
         return manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
                                job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout,
-                               evaluator=evaluator, resources=resources, volume=volume)
+                               evaluator=evaluator_command(), resources=resources, volume=volume)
     return slurm.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
                         timeout_s=FLAGS.timeout, **{name: FLAGS[name].value for name in SLURM_FLAGS})
 
@@ -303,7 +319,8 @@ def _main(argv: Sequence[str]) -> int:
                  "(which listen on every interface) are unreachable from other hosts")
     procs.raise_stopped_on_signals()
     try:
-        return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout)
+        return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout,
+                      evaluator=evaluator_command())
     except procs.Stopped as stop:
         log.info("launch: got %s; stopped all workers", signal.Signals(stop.signum).name)
         return 128 + stop.signum

@@ -107,6 +107,7 @@ def run_group(
     *,
     env: Optional[Dict[str, str]] = None,
     process_envs: Optional[Sequence[Optional[Dict[str, str]]]] = None,
+    process_commands: Optional[Sequence[Optional[Sequence[str]]]] = None,
     cwd: Optional[str] = None,
     timeout_s: Optional[float] = None,
     on_line: Optional[Callable[[int, str], None]] = None,
@@ -117,7 +118,8 @@ def run_group(
     Each process runs in its own session (process group) so that stopping it also stops anything it spawned.
     `on_line(index, line)` sees every output line as it arrives; `on_start(procs)` runs once all are started.
     A `tf_configs` entry of None starts that process without TF_CONFIG (an inherited one is removed);
-    `process_envs[i]`, if given, is added to process i's environment (after TF_CONFIG).
+    `process_envs[i]`, if given, is added to process i's environment (after TF_CONFIG);
+    `process_commands[i]`, if given, runs instead of `command` (e.g. an evaluator beside the workers).
     """
     if process_envs is not None and len(process_envs) != len(tf_configs):
         raise ValueError(f"process_envs has {len(process_envs)} entries for {len(tf_configs)} processes")
@@ -151,7 +153,8 @@ def run_group(
                 worker_env["TF_CONFIG"] = tf_config
             if process_envs is not None and process_envs[i]:
                 worker_env.update(process_envs[i])
-            p = subprocess.Popen(list(command), env=worker_env, cwd=cwd, stdout=subprocess.PIPE,
+            own = process_commands[i] if process_commands else None
+            p = subprocess.Popen(list(own or command), env=worker_env, cwd=cwd, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                  text=True, errors="replace")
             procs.append(p)

@@ -7,11 +7,21 @@ import sys
 
 from dtf import cli
 
+MODES = ("train", "evaluate_continuously")
+
 
 def _define(argv):
+    from absl import flags
+
     from dtf import flags as dtf_flags
 
     dtf_flags.define_flags()
+    if "mode" not in flags.FLAGS:
+        flags.DEFINE_enum("mode", "train", MODES, "train, or evaluate_continuously: score each new checkpoint in "
+                          "--model_dir once (what a TF_CONFIG evaluator task does); not written to flags.txt.",
+                          module_name="dtf: evaluator")
+        flags.DEFINE_string("best_metric", None, "Evaluator: keep the checkpoint with the best value of this metric "
+                            "(default loss) as best.keras.", module_name="dtf: evaluator")
     dtf_flags.define_task_flags(argv)
 
 
@@ -19,12 +29,28 @@ def _body(rest):
     from dtf import versions
 
     versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
+    from absl import flags
+
     from dtf import cluster as cluster_lib
     from dtf import flags as dtf_flags
+    from dtf.errors import UserError
     from dtf.summaries import EPOCH_SCALARS
     from dtf.train import run_experiment
 
     config = dtf_flags.config_from_flags()
+    if flags.FLAGS.mode == "evaluate_continuously" or cluster_lib.parse_tf_config().task_type == "evaluator":
+        from dtf import evaluator
+        from dtf.objectives import objective_direction
+
+        metric = flags.FLAGS.best_metric or "loss"
+        try:
+            direction = objective_direction(metric)
+        except UserError:
+            raise UserError(f"--best_metric={metric}: cannot tell whether lower or higher is better; name a loss or "
+                            "error (lower) or an accuracy, AUC, precision or recall (higher)") from None
+        results = evaluator.evaluate_continuously(config, metric, direction)
+        print(f"dtf: evaluated {len(results['checkpoints'])} checkpoint(s); best: {results['best']}")
+        return 0
     summary = run_experiment(config)
     if cluster_lib.parse_tf_config().is_chief:
         shown = " ".join(f"{k}={v:.4f}" for k, v in summary["final_metrics"].items() if k not in EPOCH_SCALARS)

@@ -159,8 +159,8 @@ def from_config(config) -> Task:
 # --------------------------------------------------------------------------------------------------- data checks
 
 
-def splits(task: Task, label: str) -> Tuple[DatasetSplit, Optional[DatasetSplit]]:
-    """(train, eval or None) from `task.datasets()`, checked: a dict with a train split of unbatched examples."""
+def _datasets(task: Task, label: str) -> dict:
+    """`task.datasets()`, checked: a dict of known split names."""
     out = task.datasets()
     if not isinstance(out, dict):
         raise UserError(f"{label}: datasets() returned a {type(out).__name__}; return a dict like "
@@ -169,6 +169,21 @@ def splits(task: Task, label: str) -> Tuple[DatasetSplit, Optional[DatasetSplit]
     if unknown:
         raise UserError(f"{label}: datasets() returned unknown split(s) {', '.join(map(repr, unknown))}; use "
                         f"'{TRAIN}', 'validation' or 'test'")
+    return out
+
+
+def split(task: Task, label: str, name: str, flag: str = "--split") -> DatasetSplit:
+    """One split of `task.datasets()` by name, checked like the training splits (for inference)."""
+    out = _datasets(task, label)
+    if out.get(name) is None:
+        given = ", ".join(k for k, v in out.items() if v is not None) or "none"
+        raise UserError(f"{flag}={name}: {label} has no {name!r} split (it has: {given}); choose one of those")
+    return _as_split(task, label, name, out[name])
+
+
+def splits(task: Task, label: str) -> Tuple[DatasetSplit, Optional[DatasetSplit]]:
+    """(train, eval or None) from `task.datasets()`, checked: a dict with a train split of unbatched examples."""
+    out = _datasets(task, label)
     if out.get(TRAIN) is None:
         returned = ", ".join(map(repr, out)) or "nothing"
         raise UserError(f"{label}: datasets() has no '{TRAIN}' split (it returned {returned}); add one to train on")

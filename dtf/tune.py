@@ -35,13 +35,10 @@ import time
 from typing import Dict, List, Optional
 
 from dtf import cli
+from dtf.objectives import MAXIMIZED_WORDS, MINIMIZED_WORDS, objective_direction
 from dtf import tune_distributed as distributed
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-DIRECTIONS = ("auto", "min", "max")
-# `auto` direction: names with these words are minimized / maximized; anything else needs --objective_direction.
-MINIMIZED_WORDS = ("loss", "error")
-MAXIMIZED_WORDS = ("accuracy", "auc", "precision", "recall")
 PROJECT = "sweep"
 SPACE_FILE = "space.json"
 TRIALS_DIR = "trial_info"
@@ -142,25 +139,6 @@ def parse_space(flag_values) -> Dict[str, dict]:
 
 def _corner_values(spec: dict) -> list:
     return spec["values"] if "values" in spec else [spec["min"], spec["max"]]
-
-
-def objective_direction(objective: str, direction: str = "auto") -> str:
-    """"min" or "max" for `objective`: as given, or inferred from its name."""
-    from dtf.errors import UserError
-
-    if not objective.strip():
-        raise UserError("--objective is empty; name a metric the trials report, e.g. --objective=val_loss")
-    if direction not in DIRECTIONS:
-        raise UserError(f"--objective_direction={direction!r} is not valid; choose one of: {', '.join(DIRECTIONS)}")
-    if direction != "auto":
-        return direction
-    name = objective.lower()
-    if any(word in name for word in MINIMIZED_WORDS):
-        return "min"
-    if any(word in name for word in MAXIMIZED_WORDS):
-        return "max"
-    raise UserError(f"--objective={objective}: cannot tell whether to minimize or maximize it; add "
-                    "--objective_direction=min or --objective_direction=max")
 
 
 def validate_space(space: dict, base_config, num_replicas: int, tuner: str, max_trials: int,

@@ -7,7 +7,7 @@ import tensorflow as tf
 import dtf
 import tasks_for_tests
 from dtf import cluster as cluster_lib
-from dtf import losses, train
+from dtf import losses, objectives, train
 from dtf import task as task_lib
 from dtf.config import Config
 from dtf.errors import UserError
@@ -301,15 +301,11 @@ def test_task_flags_are_recorded_in_the_config_and_flagfile():
     ("val_auc", "auto", "max"), ("val_r2_score", "max", "max"), ("val_accuracy", "min", "min"),
 ])
 def test_objective_direction(objective, given, direction):
-    from dtf import tune
-
-    assert tune.objective_direction(objective, given) == direction
+    assert objectives.objective_direction(objective, given) == direction
 
 
 def test_objective_without_a_direction_is_refused():
-    from dtf import tune
-
     with pytest.raises(UserError, match="--objective=val_r2_score: cannot tell.*--objective_direction=min"):
-        tune.objective_direction("val_r2_score")
+        objectives.objective_direction("val_r2_score")
     with pytest.raises(UserError, match="--objective_direction='up' is not valid"):
-        tune.objective_direction("val_loss", "up")
+        objectives.objective_direction("val_loss", "up")

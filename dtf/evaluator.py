@@ -1,0 +1,97 @@
+"""The side-car evaluator: scores each checkpoint the chief writes to model_dir/checkpoints once, on the eval split.
+
+A TF_CONFIG `evaluator` task (or `dtf.run --mode=evaluate_continuously`) runs this instead of training. It never joins
+the training collective (it runs on its own default strategy), so it can start, stop or lag without stalling the
+workers. For every new checkpoint it writes the metrics at the checkpoint's training step (its optimizer's iterations)
+to tensorboard/eval/ and to eval_results.json, copies the best one (--best_metric) to best.keras, and exits once
+training has finished (the chief's summary.json is newer than every checkpoint) and the last checkpoint is scored;
+restarted, it skips the checkpoints eval_results.json already has.
+"""
+import glob
+import json
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from dtf import cluster as cluster_lib
+from dtf import atomic
+from dtf import train
+from dtf.errors import UserError
+from dtf.logs import get_logger
+
+log = get_logger("dtf.evaluator")
+RESULTS, BEST, EVAL_DIR = "eval_results.json", "best.keras", "eval"
+POLL_S = 1.0
+
+
+def _read(path: str) -> dict:
+    if not os.path.exists(path):
+        return {"checkpoints": {}, "best": None}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write(path: str, results: dict):
+    atomic.write_json(path, results)
+
+
+def _checkpoints(model_dir: str):
+    return sorted(glob.glob(os.path.join(model_dir, "checkpoints", "*.keras")))
+
+
+def _training_finished(model_dir: str) -> bool:
+    """The chief wrote summary.json after its last checkpoint (also true of a run that ended before the evaluator
+    started: its checkpoints are scored, then the evaluator exits)."""
+    summary = os.path.join(model_dir, "summary.json")
+    return os.path.exists(summary) and all(os.path.getmtime(summary) >= os.path.getmtime(p)
+                                           for p in _checkpoints(model_dir))
+
+
+def evaluate_continuously(config, best_metric: str = "loss", direction: str = "min") -> dict:
+    """Score checkpoints until training has finished; returns eval_results.json's content. The best checkpoint has
+    the lowest (direction "min") or highest ("max") `best_metric`."""
+    strategy = tf.distribute.get_strategy()
+    exp = train.Experiment(config, strategy, cluster_lib.LOCAL)
+    if exp.eval_split is None:
+        raise UserError(f"{exp.task_label} has no validation or test split: nothing for the evaluator to score")
+    results_path = os.path.join(config.model_dir, RESULTS)
+    results = _read(results_path)
+    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "tensorboard", EVAL_DIR))
+    while True:
+        finished = _training_finished(config.model_dir)
+        pending = [p for p in _checkpoints(config.model_dir) if os.path.basename(p) not in results["checkpoints"]]
+        scored = 0
+        for path in pending:
+            try:
+                model = keras.saving.load_model(path)
+            except Exception:  # still being written: next round
+                if finished:
+                    raise
+                break
+            scored += 1
+            metrics = model.evaluate(exp.eval_data().dataset, verbose=0, return_dict=True)
+            step = int(model.optimizer.iterations.numpy())
+            with writer.as_default(step=step):
+                for name, value in metrics.items():
+                    tf.summary.scalar(f"eval_{name}", value)
+            writer.flush()
+            name = os.path.basename(path)
+            results["checkpoints"][name] = {"step": step, "metrics": metrics}
+            if best_metric not in metrics:
+                raise UserError(f"--best_metric={best_metric} is not a metric of this task; choose one of "
+                                f"{', '.join(metrics)}")
+            best, value = results["best"], metrics[best_metric]
+            better = best is None or (value > best["value"] if direction == "max" else value < best["value"])
+            if better:
+                with atomic.replacing(os.path.join(config.model_dir, BEST)) as tmp:
+                    tf.io.gfile.copy(path, tmp, overwrite=True)
+                results["best"] = {"checkpoint": name, "metric": best_metric, "value": value, "step": step}
+            _write(results_path, results)
+            log.info(f"evaluated {name} at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if finished and not pending:
+            writer.close()
+            return results
+        if not scored:
+            time.sleep(POLL_S)

@@ -1,0 +1,140 @@
+"""`python -m dtf.predict --model_dir=runs/x (or --model=m.keras) --task=... (or --dataset=...) --output=preds.csv`
+
+Runs a trained model over a dataset split (default test) with data parallelism: any strategy (--strategy,
+--num_cpu_devices; TF_CONFIG or `dtf.launch` for workers). The chief writes every example's prediction exactly once,
+in input order (row/id i is example i of the split), to .npy, .npz, .csv (an `id` column first) or .tfrecord.
+--output_values: the model's outputs as they are (logits), probabilities (softmax; sigmoid for one unit), or argmax
+(the class). A --task module is imported first, so its custom layers and losses load and its preprocess_batch
+(training=False) prepares the data.
+"""
+import glob
+import os
+import sys
+
+from dtf import cli
+from dtf.errors import UserError
+
+# Config fields predict shares with dtf.run: where it runs and what it reads (not how training goes).
+SHARED = ("strategy", "num_cpu_devices", "num_gpus", "communication", "cross_device_ops", "num_packs",
+          "cluster_timeout", "worker_hosts", "task_index", "cluster_resolver", "task", "dataset", "data_dir",
+          "global_batch_size")
+PROGRESS_EVERY_S = 5.0
+
+
+def _define(argv):
+    from absl import flags
+
+    from dtf import flags as dtf_flags
+    from dtf import inference
+
+    dtf_flags.define_flags(names=SHARED)
+    module = "dtf: predict"
+    if "output" not in flags.FLAGS:
+        flags.DEFINE_string("model", None, "A saved model (.keras) to run.", module_name=module)
+        flags.DEFINE_string("model_dir", None, "A dtf run's --model_dir: its model.keras, else its newest "
+                            "checkpoints/*.keras.", module_name=module)
+        flags.DEFINE_string("split", "test", "The split to predict: train, validation or test.", module_name=module)
+        flags.DEFINE_string("output", None, "Where the chief writes predictions: .npy, .npz, .csv or .tfrecord.",
+                            module_name=module)
+        flags.DEFINE_boolean("overwrite", False, "Replace an existing --output.", module_name=module)
+        flags.DEFINE_enum("output_values", "logits", inference.OUTPUT_VALUES, "logits: the model's outputs as they "
+                          "are; probabilities: softmax (sigmoid for one unit); argmax: the class index.",
+                          module_name=module)
+    dtf_flags.define_task_flags(argv)
+
+
+def model_path(model, model_dir) -> str:
+    """The model file the flags name: --model, or --model_dir's model.keras, else its newest checkpoint."""
+    if bool(model) == bool(model_dir):
+        raise UserError("give --model=path.keras or --model_dir=a run's directory (one of them)")
+    if model:
+        if not os.path.isfile(model):
+            raise UserError(f"--model={model}: no such file; give a saved .keras model")
+        return model
+    if not os.path.isdir(model_dir):
+        raise UserError(f"--model_dir={model_dir}: no such directory; give the --model_dir of a dtf run")
+    final = os.path.join(model_dir, "model.keras")
+    checkpoints = sorted(glob.glob(os.path.join(model_dir, "checkpoints", "*.keras")))
+    if os.path.isfile(final):
+        return final
+    if checkpoints:
+        return checkpoints[-1]
+    raise UserError(f"--model_dir={model_dir} has no model.keras and no checkpoints/*.keras; train it with --export "
+                    "or --checkpoint_every, or give --model")
+
+
+def _data(config, split_name: str):
+    """(split, preprocess_batch or None, label) from --task or --dataset."""
+    from dtf import datasets
+    from dtf import task as task_lib
+
+    if config.task:
+        task = task_lib.load(config.task)
+        label = f"--task={config.task}"
+        split = task_lib.split(task, label, split_name)
+        overridden = type(task).preprocess_batch is not task_lib.Task.preprocess_batch
+        return split, (lambda batch: task.preprocess_batch(batch, training=False)) if overridden else None, label
+    dataset = config.dataset or task_lib.DEFAULT_DATASET
+    return datasets.load(dataset, split_name, config.data_dir), None, f"--dataset={dataset}"
+
+
+def _check_fit(model, split, preprocess_batch, model_label: str, data_label: str):
+    """The model's outputs on two real examples, or a UserError naming both the model and the data."""
+    import keras
+
+    from dtf import task as task_lib
+
+    batch = next(iter(split.read(None).take(2).batch(2)))
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(preprocess_batch(batch) if preprocess_batch else batch)
+    return task_lib.check_model_accepts(model, x, f"{model_label} on {data_label} --split={split.split}")
+
+
+def _body(rest):
+    import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
+    from absl import flags
+
+    from dtf import inference, prediction_files, train
+    from dtf.config import Config
+    from dtf.logs import get_logger
+
+    log = get_logger("dtf.predict")
+    FLAGS = flags.FLAGS
+    config = Config(**{name: FLAGS[name].value for name in SHARED})
+    if not FLAGS.output:
+        raise UserError("--output is required, e.g. --output=preds.csv (or .npy, .npz, .tfrecord)")
+    path = model_path(FLAGS.model, FLAGS.model_dir)
+    cluster = train.resolve_cluster(config)
+    if cluster.is_chief:
+        prediction_files.check_target(FLAGS.output, FLAGS.overwrite)
+    strategy = train.create_strategy(config)
+    model = inference.load_model(path, strategy)
+    split, preprocess_batch, data_label = _data(config, FLAGS.split)
+    sample = _check_fit(model, split, preprocess_batch, path, data_label)
+    if cluster.is_chief:
+        prediction_files.check_target(FLAGS.output, FLAGS.overwrite, len(inference.output_names(sample)))
+    global_batch = config.global_batch_size or train.DEFAULT_GLOBAL_BATCH
+    shown = [0.0]
+
+    def progress(done, seconds):
+        if cluster.is_chief and (seconds - shown[0] >= PROGRESS_EVERY_S or done == split.num_examples):
+            shown[0] = seconds
+            log.info(f"predicted {done}/{split.num_examples} examples ({100 * done // split.num_examples}%), "
+                     f"{done / max(seconds, 1e-9):.0f} examples/s")
+
+    result = inference.predict(model, strategy, split, global_batch, preprocess_batch=preprocess_batch,
+                               values=FLAGS.output_values, on_step=progress)
+    if cluster.is_chief:
+        prediction_files.write(FLAGS.output, result.outputs, overwrite=FLAGS.overwrite)
+        print(f"dtf.predict: {result.num_examples} examples in {result.seconds:.2f}s: "
+              f"{result.examples_per_sec:.0f} examples/s on {result.num_replicas} replica(s) "
+              f"({type(strategy).__name__}, {cluster.num_workers} worker(s)), global batch {global_batch}; "
+              f"wrote {FLAGS.output_values} to {FLAGS.output}")
+    return 0
+
+
+def main(argv=None):
+    return cli.main("dtf.predict", _define, _body, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
