@@ -134,11 +134,16 @@ def test_bad_tfjob_options_are_one_line_and_exit_2(capsys, args, flag):
     assert flag in err
 
 
-@pytest.mark.parametrize("flag", ["--evaluator=python e.py", "--gpus_per_worker=1", "--cpu=1", "--memory=1Gi",
-                                  "--volume=runs:/shared"])
+@pytest.mark.parametrize("flag", ["--gpus_per_worker=1", "--cpu=1", "--memory=1Gi", "--volume=runs:/shared"])
 def test_tfjob_options_need_emit_tfjob(capsys, flag):
     assert launch.main(["dtf.launch", "--num_workers=2", "--emit=slurm", flag, "--", "python", "train.py"]) == 2
     assert "only applies to --emit=tfjob" in capsys.readouterr().err
+
+
+def test_evaluator_is_refused_for_emit_slurm(capsys):
+    assert launch.main(["dtf.launch", "--num_workers=2", "--emit=slurm", "--evaluator=python e.py", "--", "python",
+                        "train.py"]) == 2
+    assert "--evaluator is not part of --emit=slurm yet" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["Upper", "under_score", "-dash", "1st-run", "x" * 64, ""])

@@ -35,8 +35,8 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mirrored():
-    return dtf.create_strategy("mirrored", num_cpu_devices=4)
+def mirrored(mirrored4):
+    return mirrored4
 
 
 def softmax(z):

@@ -33,8 +33,8 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def strategies():
-    return {"one": dtf.create_strategy("one_device"), "four": dtf.create_strategy("mirrored", num_cpu_devices=4)}
+def strategies(mirrored4):
+    return {"one": dtf.create_strategy("one_device"), "four": mirrored4}
 
 
 # --- losses: the same gradients on 1 and 4 replicas, whatever the loss returns ----------------------------------------
