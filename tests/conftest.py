@@ -67,3 +67,12 @@ def pytest_configure(config):
     import dtf
 
     dtf.simulate_cpu_devices(4)
+
+
+@pytest.fixture(scope="session")
+def mirrored4():
+    """The pytest process's one 4-replica MirroredStrategy. Each new strategy restarts TF's collective instance keys,
+    so a second one's all-reduces collide with the first's ("Shape mismatch in the collective instance")."""
+    import dtf
+
+    return dtf.create_strategy("mirrored", num_cpu_devices=4)

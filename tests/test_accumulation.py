@@ -53,10 +53,9 @@ def test_one_device_accumulation_matches_the_effective_batch(single_device, opt)
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_mirrored_accumulation_matches_one_device(single_device, opt):
-    strategy = dtf.create_strategy("mirrored", num_cpu_devices=4)
-    assert strategy.num_replicas_in_sync == 4
-    weights = train(strategy, opt, 2)  # 4 replicas × 2 steps × 8
+def test_mirrored_accumulation_matches_one_device(single_device, mirrored4, opt):
+    assert mirrored4.num_replicas_in_sync == 4
+    weights = train(mirrored4, opt, 2)  # 4 replicas × 2 steps × 8
     assert eq.max_abs_diff(weights, single_device[opt]) < TOL
 
 
