@@ -97,6 +97,47 @@ def test_saved_model_keeps_the_wrapper_and_its_state(tmp_path):
         np.testing.assert_array_equal(got.numpy(), want)
 
 
+def test_interrupted_accumulation_resumes_exactly_on_mirrored(mirrored4, tmp_path):
+    """Saved mid-accumulation on 4 replicas (3 micro-batches of k=2), reloaded and continued == uninterrupted: the
+    replica-local accumulators are saved as their sum and restored split evenly."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 5)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+    def compiled():
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+        model.compile(scaling.build_optimizer("adam", 0.01, gradient_accumulation_steps=2), loss="mse")
+        return model
+
+    with mirrored4.scope():
+        whole, part = compiled(), compiled()
+    whole.fit(data, epochs=1, verbose=0)
+    part.fit(data.take(3), epochs=1, verbose=0)
+    part.save(tmp_path / "m.keras")
+    with mirrored4.scope():
+        resumed = keras.saving.load_model(tmp_path / "m.keras")
+    resumed.fit(data.skip(3), epochs=1, verbose=0)
+    assert int(resumed.optimizer.iterations.numpy()) == 2
+    assert eq.max_abs_diff(resumed.get_weights(), part.get_weights()) > 1e-4  # the 4th batch completed an update
+    assert eq.max_abs_diff(resumed.get_weights(), whole.get_weights()) < 1e-6
+
+
+def test_experiment_schedule_counts_updates(tmp_path):
+    from dtf import config as config_lib, train
+
+    config = config_lib.Config(dataset="synthetic", model="mlp", strategy="one_device", global_batch_size=32,
+                               steps_per_epoch=8, epochs=3, warmup_epochs=1, lr_schedule="constant",
+                               gradient_accumulation_steps=4, model_dir=str(tmp_path))
+    exp = train.Experiment(config, dtf.create_strategy("one_device"), train.resolve_cluster(config))
+    assert exp.effective_batch == 128 and exp.peak_lr == pytest.approx(0.05)  # 0.1 × 128 / 256
+    schedule = exp.schedule()
+    assert schedule.warmup_steps == 2  # one epoch = 8 batches = 2 updates
+    with pytest.raises(dtf.UserError, match="--gradient_accumulation_steps=3"):
+        train.Experiment(config.replace(gradient_accumulation_steps=3), dtf.create_strategy("one_device"),
+                         train.resolve_cluster(config)).schedule()
+
+
 def test_schedule_steps_are_updates():
     assert scaling.updates(40, 4) == 10 and scaling.updates(40, None) == 40
     with pytest.raises(dtf.UserError, match=r"--gradient_accumulation_steps=3 does not divide the 40 steps per epoch"):

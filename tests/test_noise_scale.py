@@ -60,6 +60,11 @@ def test_one_device_with_accumulation_within_20_percent():
     assert values["gradient_noise_scale"] == pytest.approx(CLOSED_FORM, rel=0.2)
 
 
+def test_mirrored_with_accumulation_within_20_percent(mirrored4):
+    values = estimate(mirrored4, accumulation_steps=2, steps=STEPS[4])  # B_small 4, B_big 32
+    assert values["gradient_noise_scale"] == pytest.approx(CLOSED_FORM, rel=0.2)
+
+
 TWO_REPLICAS = """
 import dtf, test_noise_scale as t
 strategy = dtf.create_strategy("mirrored", num_cpu_devices=2)
@@ -74,6 +79,22 @@ def test_two_and_four_replicas_agree(run_python, tmp_path, mirrored4):
     four = estimate(mirrored4, steps=STEPS[4], seed=1)["gradient_noise_scale"]
     assert two == pytest.approx(CLOSED_FORM, rel=0.2)
     assert two == pytest.approx(four, rel=0.2)
+
+
+WORKERS = """
+import dtf, test_noise_scale as t
+strategy = dtf.create_strategy()  # multi_worker from TF_CONFIG
+assert strategy.num_replicas_in_sync == 2
+json.dump(t.estimate(strategy, steps=t.STEPS[2]), open(os.path.join(OUT, f"w{TASK}.json"), "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_within_20_percent(run_workers, tmp_path):
+    run_workers(WORKERS, 2)
+    values = [json.loads((tmp_path / f"w{task}.json").read_text()) for task in range(2)]
+    assert values[0] == values[1]  # every worker holds the same estimate
+    assert values[0]["gradient_noise_scale"] == pytest.approx(CLOSED_FORM, rel=0.2)
 
 
 def test_one_replica_without_accumulation_is_a_user_error():
