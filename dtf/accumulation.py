@@ -116,7 +116,11 @@ class GradientAccumulation(keras.optimizers.Optimizer):
         """The inner optimizer's all-reduce, with this replica's summed small-batch squared norms riding along as one
         more value; then one noise-scale measurement from the two norms."""
         grads_and_vars = list(grads_and_vars)
-        reduced = self._inner_all_reduce(grads_and_vars + [(ops.convert_to_tensor(self._small_sq), self._small_sq)])
+        # On a gradient's device: tf.distribute derives the all-reduce destination from it (a variable read has
+        # none under MultiWorkerMirroredStrategy: "destinations can not be empty").
+        with tf.device(next(g for g, _ in grads_and_vars if g is not None).device):
+            small = tf.identity(self._small_sq.value)
+        reduced = self._inner_all_reduce(grads_and_vars + [(small, self._small_sq)])
         small_total = reduced.pop()[0]
         count = self._distribution_strategy.num_replicas_in_sync * self.steps
         self.noise_scale.update(small_total / count, noise_lib.squared_norm([g for g, _ in reduced]))

@@ -53,11 +53,9 @@ def test_mirrored_4_replicas_within_20_percent_of_closed_form(mirrored4):
     assert values["gradient_noise_scale"] == pytest.approx(CLOSED_FORM, rel=0.2)
     assert values["gradient_norm_sq"] == pytest.approx(4.0, rel=0.2)
     assert values["gradient_noise_trace"] == pytest.approx(4 * CLOSED_FORM, rel=0.2)
-
-
-def test_one_device_with_accumulation_within_20_percent():
-    values = estimate(dtf.create_strategy("one_device"), accumulation_steps=4, steps=STEPS[4])
-    assert values["gradient_noise_scale"] == pytest.approx(CLOSED_FORM, rel=0.2)
+    # One device accumulating 4 micro-batches of 8 measures the same two batch sizes on the same data.
+    accumulated = estimate(dtf.create_strategy("one_device"), accumulation_steps=4, steps=STEPS[4])
+    assert accumulated == pytest.approx(values, rel=1e-4)
 
 
 def test_mirrored_with_accumulation_within_20_percent(mirrored4):
