@@ -39,9 +39,8 @@ class GradientAccumulation(keras.optimizers.Optimizer):
         self.noise_scale_batch = None if noise_scale_batch is None else int(noise_scale_batch)
         self.noise_scale_ema = float(noise_scale_ema)
         self.noise_scale = None
-        # The hook that sees the all-reduced gradient (Keras's TF optimizer all-reduces in this method).
-        self._inner_all_reduce = inner_optimizer._all_reduce_sum_gradients  # pylint: disable=protected-access
-        if self.noise_scale_batch:
+        if self.noise_scale_batch:  # hook where Keras's TF optimizer all-reduces, to see the all-reduced gradient
+            self._inner_all_reduce = inner_optimizer._all_reduce_sum_gradients  # pylint: disable=protected-access
             inner_optimizer._all_reduce_sum_gradients = self._all_reduce_and_measure  # pylint: disable=protected-access
 
     @tracking.no_automatic_dependency_tracking

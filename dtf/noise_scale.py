@@ -65,6 +65,9 @@ class NoiseScaleLogger(keras.callbacks.Callback):
     this one) writes them as `epoch_…` tags and they reach the history and summary.json."""
 
     def on_epoch_end(self, epoch, logs=None):
-        estimator = getattr(self.model.optimizer, "noise_scale", None)
+        optimizer = self.model.optimizer
+        while getattr(optimizer, "noise_scale", None) is None and hasattr(optimizer, "inner_optimizer"):
+            optimizer = optimizer.inner_optimizer  # e.g. inside the LossScaleOptimizer of mixed precision
+        estimator = getattr(optimizer, "noise_scale", None)
         if logs is not None and estimator is not None:
             logs.update(estimator.values())

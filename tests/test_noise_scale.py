@@ -128,3 +128,20 @@ def test_run_logs_the_noise_scale(tmp_path, mirrored4):
               if "tfevents" in f]
     tags = {v.tag for path in events for e in tf.compat.v1.train.summary_iterator(path) for v in e.summary.value}
     assert "epoch_gradient_noise_scale" in tags
+
+
+def test_logger_finds_the_estimator_inside_loss_scaling():
+    """Under mixed precision Keras wraps dtf's optimizer in a LossScaleOptimizer; the logger looks inside."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    wrapper = accumulation.GradientAccumulation(keras.optimizers.SGD(0.1), 2, noise_scale_batch=4,
+                                                noise_scale_ema=0.5)
+    model.compile(keras.optimizers.LossScaleOptimizer(wrapper), loss="mse")
+    wrapper.build(model.trainable_variables)
+    wrapper.noise_scale.update(6.0, 3.0)  # B_small 4, B_big 8: |G|² = 0, tr = 24
+    wrapper.noise_scale.update(7.0, 4.0)  # |G|² = 1, tr = 24
+    logs = {}
+    logger = noise_scale.NoiseScaleLogger()
+    logger.set_model(model)
+    logger.on_epoch_end(0, logs)
+    # EMA 0.5, bias-corrected over 2 updates: |G|² = (0.25·0 + 0.5·1) / 0.75, tr = 24.
+    assert logs == pytest.approx({"gradient_noise_scale": 36.0, "gradient_norm_sq": 2 / 3, "gradient_noise_trace": 24.0})
