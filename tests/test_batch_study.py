@@ -14,7 +14,7 @@ def study(tmp_path, *args):
     return subprocess.run([sys.executable, "-m", "dtf.batch_study", "--dataset=digits", "--model=mlp",
                            "--strategy=mirrored", "--num_cpu_devices=2", "--optimizer=sgd", "--base_lr=0.2",
                            "--reference_batch_size=32", "--epochs=2", f"--study_dir={tmp_path}",
-                           f"--model_dir={tmp_path}/unused", *args], capture_output=True, text=True, timeout=600)
+                           *args], capture_output=True, text=True, timeout=600)
 
 
 def test_tiny_study_writes_table_csv_and_plot(tmp_path):
