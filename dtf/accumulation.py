@@ -13,8 +13,7 @@ after it, so it hosts the gradient-noise-scale measurement (`dtf.noise_scale`), 
 import keras
 import tensorflow as tf
 from keras import ops
-from keras.src.saving import serialization_lib
-from keras.src.utils import tracking
+from keras.src.utils import tracking  # as Keras's own LossScaleOptimizer: build's lists are not auto-tracked
 
 from dtf import noise_scale as noise_lib
 
@@ -146,11 +145,10 @@ class GradientAccumulation(keras.optimizers.Optimizer):
     def get_config(self):
         return {"name": self.name, "steps": self.steps, "noise_scale_batch": self.noise_scale_batch,
                 "noise_scale_ema": self.noise_scale_ema,
-                "inner_optimizer": serialization_lib.serialize_keras_object(self.inner_optimizer)}
+                "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer)}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        inner = serialization_lib.deserialize_keras_object(config.pop("inner_optimizer"),
-                                                          custom_objects=custom_objects)
+        inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)
