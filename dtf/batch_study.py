@@ -57,9 +57,21 @@ def first_reaching(values: List[float], target: float) -> Optional[int]:
     return next((i + 1 for i, v in enumerate(values) if v >= target), None)
 
 
+def row(summary: Optional[dict], batch: int, rule: str, target: float) -> dict:
+    """One cell's results from its run summary (None: the run diverged)."""
+    if summary is None:
+        return dict(global_batch_size=batch, rule=rule, peak_lr=None, val_accuracy=None, epochs_to_target=None,
+                    steps_to_target=None, gradient_noise_scale=None, wall_time_s=None)
+    epochs = first_reaching(summary["history"].get("val_accuracy", []), target)
+    return dict(global_batch_size=batch, rule=rule, peak_lr=summary["peak_lr"],
+                val_accuracy=summary["final_metrics"]["val_accuracy"], epochs_to_target=epochs,
+                steps_to_target=epochs and epochs * summary["steps_per_epoch"],
+                gradient_noise_scale=summary.get("gradient_noise_scale"), wall_time_s=summary["wall_time_s"])
+
+
 def run_study(config, batches, rules, target, study_dir, warmup_epochs=1.0, lars_lr=0.3, strategy=None):
     """Train every (batch, rule) cell under one strategy (a second strategy in one process collides with the
-    first's collectives); returns one row per cell."""
+    first's collectives), rewriting the outputs after each cell; a diverged run is a result, not a failure."""
     from dtf import train
 
     strategy = strategy or train.create_strategy(config)
@@ -69,13 +81,12 @@ def run_study(config, batches, rules, target, study_dir, warmup_epochs=1.0, lars
             cell = rule_config(config, batch, rule, warmup_epochs, lars_lr).replace(
                 model_dir=os.path.join(study_dir, f"b{batch}_{rule}"),
                 measure_noise_scale=strategy.num_replicas_in_sync >= 2)
-            summary = train.run_experiment(cell, strategy)
-            epochs = first_reaching(summary["history"].get("val_accuracy", []), target)
-            rows.append(dict(global_batch_size=batch, rule=rule, peak_lr=summary["peak_lr"],
-                             val_accuracy=summary["final_metrics"]["val_accuracy"], epochs_to_target=epochs,
-                             steps_to_target=epochs and epochs * summary["steps_per_epoch"],
-                             gradient_noise_scale=summary.get("gradient_noise_scale"),
-                             wall_time_s=summary["wall_time_s"]))
+            try:
+                summary = train.run_experiment(cell, strategy)
+            except train.TrainingDiverged:
+                summary = None
+            rows.append(row(summary, batch, rule, target))
+            write_outputs(rows, study_dir, target)
     return rows
 
 
@@ -107,8 +118,8 @@ def noise_scale_of(rows) -> Optional[float]:
     return preferred[0]["gradient_noise_scale"] if preferred else None
 
 
-def write_outputs(rows, study_dir: str, target: float) -> List[str]:
-    """results.csv, table.md and batch_scaling.png; returns their paths."""
+def write_outputs(rows, study_dir: str, target: float):
+    """results.csv, table.md and batch_scaling.png."""
     os.makedirs(study_dir, exist_ok=True)
     csv_path, table_path = os.path.join(study_dir, "results.csv"), os.path.join(study_dir, "table.md")
     with open(csv_path, "w", newline="") as f:
@@ -123,13 +134,14 @@ def write_outputs(rows, study_dir: str, target: float) -> List[str]:
     lines = [f"Target validation accuracy {target:g}; B_noise (gradient noise scale) "
              f"{'not measured (one replica)' if b_noise is None else f'{b_noise:.4g}'}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" + (" diverged" if r["peak_lr"] is None else "")
+              for r in rows]
     with open(table_path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return [csv_path, table_path, plot(rows, study_dir, target, b_noise)]
+    plot(rows, study_dir, target, b_noise)
 
 
-def plot(rows, study_dir: str, target: float, b_noise: Optional[float]) -> str:
+def plot(rows, study_dir: str, target: float, b_noise: Optional[float]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +149,7 @@ def plot(rows, study_dir: str, target: float, b_noise: Optional[float]) -> str:
 
     fig, (acc_ax, steps_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for rule in dict.fromkeys(r["rule"] for r in rows):
-        mine = [r for r in rows if r["rule"] == rule]
+        mine = [r for r in rows if r["rule"] == rule and r["val_accuracy"] is not None]
         acc_ax.plot([r["global_batch_size"] for r in mine], [r["val_accuracy"] for r in mine], "o-", label=rule)
         reached = [r for r in mine if r["steps_to_target"]]
         steps_ax.plot([r["global_batch_size"] for r in reached], [r["steps_to_target"] for r in reached], "o-",
@@ -161,7 +173,6 @@ def plot(rows, study_dir: str, target: float, b_noise: Optional[float]) -> str:
     path = os.path.join(study_dir, "batch_scaling.png")
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return path
 
 
 def _body(rest):
@@ -173,9 +184,9 @@ def _body(rest):
     f = flags.FLAGS
     config = dtf_flags.config_from_flags()
     batches = _check(config, f.batches, f.rules, f.target_accuracy)
-    rows = run_study(config, batches, f.rules, f.target_accuracy, f.study_dir, f.study_warmup_epochs, f.lars_lr)
-    for path in write_outputs(rows, f.study_dir, f.target_accuracy):
-        print(f"dtf: wrote {path}")
+    run_study(config, batches, f.rules, f.target_accuracy, f.study_dir, f.study_warmup_epochs, f.lars_lr)
+    for name in ("results.csv", "table.md", "batch_scaling.png"):
+        print(f"dtf: wrote {os.path.join(f.study_dir, name)}")
     return 0
 
 
