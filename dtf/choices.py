@@ -12,4 +12,4 @@ SHARDINGS = ("auto", "batch")
 
 LR_SCALING_RULES = ("linear", "sqrt", "none")
 SCHEDULES = ("constant", "cosine", "step", "polynomial")
-OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "lion", "rmsprop")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lamb", "lion", "rmsprop", "lars")

@@ -85,8 +85,14 @@ class Config:
     clipnorm: Optional[float] = _f(None, "optimization", "Clip each gradient to this norm.", positive=True)
     global_clipnorm: Optional[float] = _f(None, "optimization", "Clip all gradients to this global norm.",
                                           positive=True)
-    gradient_accumulation_steps: Optional[int] = _f(None, "optimization", "Accumulate gradients over this many "
-                                                    "steps (default/one_device strategy only).", lower=2)
+    trust_coefficient: Optional[float] = _f(None, "optimization", "LARS trust coefficient η (default 0.001).",
+                                            positive=True)
+    gradient_accumulation_steps: Optional[int] = _f(None, "optimization", "Apply the optimizer every N batches to "
+                                                    "their mean gradient (effective batch = global × N; any "
+                                                    "strategy).", lower=2)
+    measure_noise_scale: bool = _f(False, "optimization", "Log the gradient noise scale B_simple (McCandlish et al. "
+                                   "2018) from each replica's and the all-reduced gradient; needs >= 2 replicas or "
+                                   "accumulation.")
     # --- training
     epochs: int = _f(5, "training", "Training epochs.", positive=True)
     steps_per_epoch: Optional[int] = _f(None, "training", "Steps per epoch (default: one pass over the data).",

@@ -2,7 +2,8 @@
 
 One convention throughout: the **global** batch is the truth, the per-replica batch is derived from it, and the peak
 learning rate is computed from the global batch in one place (`scaled_lr`). Schedules count the optimizer's step
-counter, i.e. training batches; epochs are converted to steps only in `build_schedule`.
+counter, i.e. optimizer updates (training batches / accumulation steps); epochs are converted to steps only in
+`build_schedule`.
 """
 import dataclasses
 import math
@@ -12,11 +13,13 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dtf.accumulation import GradientAccumulation
 from dtf.choices import LR_SCALING_RULES, OPTIMIZERS, SCHEDULES
 from dtf.errors import UserError
+from dtf.lars import LARS
 
 
-# Goyal et al. 2017 (and most ImageNet recipes) use SGD with momentum 0.9; Keras's SGD defaults to none.
+# Goyal et al. 2017 (and most ImageNet recipes) use SGD with momentum 0.9; Keras's SGD defaults to none. LARS too.
 DEFAULT_SGD_MOMENTUM = 0.9
 
 
@@ -197,7 +200,8 @@ def build_schedule(name: str, peak_lr: float, total_steps: int, steps_per_epoch:
                    power: float = 1.0) -> keras.optimizers.schedules.LearningRateSchedule:
     """The LR schedule for a run: optional linear warmup, then `name` decaying from `peak_lr` to the last step.
 
-    Steps are training batches (the optimizer's counter; with gradient accumulation Keras also counts micro-batches).
+    Steps are optimizer updates (the optimizer's counter): with gradient accumulation pass `updates()` of the batch
+    counts, since dtf's accumulation counts updates, not micro-batches.
     Warmup is `warmup_steps`, or `warmup_epochs` × `steps_per_epoch` rounded. `decay_boundaries_epochs` (for `step`)
     count from the start of training and must fall after warmup and before the end. `final_lr` is where `cosine` and
     `polynomial` (`power`) end; `decay_rate` is the factor applied at each `step` boundary.
@@ -265,7 +269,9 @@ def _boundary_steps(epochs: Sequence[float], steps_per_epoch: int, warmup: int, 
 # ---------------------------------------------------------------------------------------------------------------------
 # Optimizers
 
-_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "lamb": "Lamb", "lion": "Lion", "rmsprop": "RMSprop"}
+_CLASSES = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
+            "lamb": keras.optimizers.Lamb, "lion": keras.optimizers.Lion, "rmsprop": keras.optimizers.RMSprop,
+            "lars": LARS}
 # Options beyond the common ones (learning rate, weight decay, clipping, accumulation) each optimizer takes.
 _OWN_OPTIONS = {
     "sgd": ("momentum", "nesterov"),
@@ -274,23 +280,35 @@ _OWN_OPTIONS = {
     "lamb": ("beta_1", "beta_2", "epsilon"),
     "lion": ("beta_1", "beta_2"),
     "rmsprop": ("momentum", "epsilon"),
+    "lars": ("momentum", "nesterov", "trust_coefficient"),
 }
 
 
-def _check_accumulation(steps: Optional[int]) -> Optional[int]:
-    """Keras 3.15 accumulates inside `ops.cond` and all-reduces (a merge_call) in one branch; tf.distribute rejects
-    that under Mirrored and MultiWorkerMirrored, even with one replica (keras-team/keras#20582). Measured exact
-    (|Δw| < 1e-7 vs one k× larger batch) under the default and one-device strategies, so only those are allowed."""
-    if steps is None or steps == 1:
-        return None
+def updates(batches: int, accumulation_steps: Optional[int]) -> int:
+    """Optimizer updates in `batches` training batches: each update takes `accumulation_steps` batches, which must
+    divide them (an update never straddles an epoch, so schedules in epochs stay exact)."""
+    k = accumulation_steps or 1
+    if batches % k:
+        raise UserError(f"--gradient_accumulation_steps={k} does not divide the {batches} steps per epoch; use a "
+                        f"divisor of {batches} or set --steps_per_epoch to a multiple of {k}")
+    return batches // k
+
+
+def _check_large_batch(steps: Optional[int], measure_noise_scale: bool, per_replica_batch_size: Optional[int]) -> int:
+    """dtf's own accumulation (`dtf.accumulation`) works under every strategy, unlike Keras's (keras-team/keras#20582,
+    measured: Keras's fails while tracing under Mirrored and MultiWorkerMirrored). The noise scale compares two batch
+    sizes, so it needs >= 2 replicas or accumulation."""
+    steps = 1 if steps is None else steps
     if steps < 1:
         raise UserError(f"--gradient_accumulation_steps={steps} must be >= 1")
-    strategy = tf.distribute.get_strategy()
-    if tf.distribute.has_strategy() and not isinstance(strategy, tf.distribute.OneDeviceStrategy):
-        raise UserError(
-            f"--gradient_accumulation_steps={steps} does not work under {type(strategy).__name__}: Keras "
-            f"{keras.__version__} accumulates inside a conditional that tf.distribute rejects "
-            "(keras-team/keras#20582); raise --global_batch_size instead or use the default/one_device strategy")
+    if measure_noise_scale:
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas * steps < 2:
+            raise UserError("--measure_noise_scale compares each replica's gradient with the all-reduced one, but "
+                            f"this run has {replicas} replica and no accumulation; run on >= 2 replicas (e.g. "
+                            "--strategy=mirrored --num_cpu_devices=2) or set --gradient_accumulation_steps >= 2")
+        if not per_replica_batch_size or per_replica_batch_size < 1:
+            raise ValueError("measure_noise_scale needs the per-replica batch size")
     return steps
 
 
@@ -299,22 +317,29 @@ def build_optimizer(name: str, learning_rate: Union[float, keras.optimizers.sche
                     clipnorm: Optional[float] = None, global_clipnorm: Optional[float] = None,
                     clipvalue: Optional[float] = None, gradient_accumulation_steps: Optional[int] = None,
                     beta_1: Optional[float] = None, beta_2: Optional[float] = None,
-                    epsilon: Optional[float] = None) -> keras.optimizers.Optimizer:
+                    epsilon: Optional[float] = None, trust_coefficient: Optional[float] = None,
+                    measure_noise_scale: bool = False,
+                    per_replica_batch_size: Optional[int] = None) -> keras.optimizers.Optimizer:
     """A Keras optimizer by name. Call it inside `strategy.scope()`: Keras binds the optimizer to the current strategy.
 
-    Options that `name` does not take are rejected, not ignored; None means Keras's default, except SGD momentum,
-    which defaults to `DEFAULT_SGD_MOMENTUM`. `weight_decay` is decoupled (w -= lr·wd·w) in every Keras 3 optimizer,
-    so it is accepted for all; AdamW keeps Keras's 0.004 when it is not given.
+    Options that `name` does not take are rejected, not ignored; None means Keras's default, except SGD/LARS
+    momentum, which defaults to `DEFAULT_SGD_MOMENTUM`. `weight_decay` is decoupled (w -= lr·wd·w) in every Keras 3
+    optimizer, so it is accepted for all; for LARS it is the paper's coupled decay inside the trust ratio. AdamW keeps
+    Keras's 0.004 when it is not given. With `gradient_accumulation_steps` > 1 or `measure_noise_scale` (which needs
+    the `per_replica_batch_size`) the optimizer is wrapped in `dtf.accumulation.GradientAccumulation`.
     """
     name = _pick(name, OPTIMIZERS, "--optimizer")
     # None = not given (nesterov=False too), so only options the user set are checked and passed on.
-    own = {"momentum": momentum, "nesterov": nesterov or None, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon}
+    own = {"momentum": momentum, "nesterov": nesterov or None, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon,
+           "trust_coefficient": trust_coefficient}
     wrong = [f"--{k}" for k, v in own.items() if v is not None and k not in _OWN_OPTIONS[name]]
     if wrong:
         raise UserError(f"--optimizer={name} does not take {', '.join(wrong)} (its own options: "
                         f"{', '.join('--' + o for o in _OWN_OPTIONS[name])}); remove them")
     if momentum is not None and not 0 <= momentum <= 1:
         raise UserError(f"--momentum={momentum} must be in [0, 1]")
+    if trust_coefficient is not None and not trust_coefficient > 0:
+        raise UserError(f"--trust_coefficient={trust_coefficient} must be > 0")
     clips = {"--clipnorm": clipnorm, "--global_clipnorm": global_clipnorm, "--clipvalue": clipvalue}
     given_clips = [f"{k}={v}" for k, v in clips.items() if v is not None]
     if len(given_clips) > 1:
@@ -322,16 +347,18 @@ def build_optimizer(name: str, learning_rate: Union[float, keras.optimizers.sche
     for flag, value in [*clips.items(), ("--weight_decay", weight_decay)]:
         if value is not None and not value >= 0:
             raise UserError(f"{flag}={value} must be >= 0")
-    if name == "sgd" and momentum is None:
+    steps = _check_large_batch(gradient_accumulation_steps, measure_noise_scale, per_replica_batch_size)
+    if name in ("sgd", "lars") and momentum is None:
         momentum = DEFAULT_SGD_MOMENTUM
     if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
         learning_rate = float(learning_rate)  # Keras takes a float or a schedule, not an int
 
     options = dict(own, momentum=momentum, weight_decay=weight_decay, clipnorm=clipnorm,
-                   global_clipnorm=global_clipnorm, clipvalue=clipvalue,
-                   gradient_accumulation_steps=_check_accumulation(gradient_accumulation_steps))
-    options = {k: v for k, v in options.items() if v is not None}
-    return getattr(keras.optimizers, _CLASSES[name])(learning_rate=learning_rate, **options)
+                   global_clipnorm=global_clipnorm, clipvalue=clipvalue)
+    optimizer = _CLASSES[name](learning_rate=learning_rate, **{k: v for k, v in options.items() if v is not None})
+    if steps == 1 and not measure_noise_scale:
+        return optimizer
+    return GradientAccumulation(optimizer, steps, per_replica_batch_size if measure_noise_scale else None)
 
 
 def current_lr(optimizer: keras.optimizers.Optimizer) -> float:

@@ -16,7 +16,7 @@ from dtf import atomic
 from dtf import callbacks as callbacks_lib
 from dtf import cluster as cluster_lib
 from dtf import data as data_lib
-from dtf import losses, scaling
+from dtf import losses, noise_scale, scaling
 from dtf import strategy as strategy_lib
 from dtf import task as task_lib
 from dtf import versions
@@ -147,8 +147,9 @@ class Experiment:
     def schedule(self):
         c = self.config
         start = c.warmup_start_lr if c.warmup_start_lr is not None else min(c.base_lr, self.peak_lr)
-        return scaling.build_schedule(
-            c.lr_schedule, self.peak_lr, self.total_steps, self.steps_per_epoch, warmup_epochs=c.warmup_epochs,
+        updates_per_epoch = scaling.updates(self.steps_per_epoch, c.gradient_accumulation_steps)
+        return scaling.build_schedule(  # counts optimizer updates: with accumulation, k batches make one
+            c.lr_schedule, self.peak_lr, updates_per_epoch * c.epochs, updates_per_epoch, warmup_epochs=c.warmup_epochs,
             warmup_steps=c.warmup_steps, warmup_start_lr=start, decay_boundaries_epochs=c.lr_decay_boundaries,
             decay_rate=c.lr_decay_rate, final_lr=c.final_lr, power=c.lr_decay_power)
 
@@ -170,7 +171,8 @@ class Experiment:
             optimizer = scaling.build_optimizer(
                 c.optimizer, self.schedule(), momentum=c.momentum, nesterov=c.nesterov,
                 weight_decay=c.weight_decay, clipnorm=c.clipnorm, global_clipnorm=c.global_clipnorm,
-                gradient_accumulation_steps=c.gradient_accumulation_steps)
+                gradient_accumulation_steps=c.gradient_accumulation_steps, trust_coefficient=c.trust_coefficient,
+                measure_noise_scale=c.measure_noise_scale, per_replica_batch_size=self.plan.per_replica_batch_size)
             model.compile(optimizer=optimizer, loss=loss, metrics=self.task.metrics(),
                           steps_per_execution=c.steps_per_execution, jit_compile=c.jit_compile)
         return model
@@ -178,6 +180,8 @@ class Experiment:
     def callbacks(self, log_dir: str, backup_dir: Optional[str]) -> List[keras.callbacks.Callback]:
         c = self.config
         out = [keras.callbacks.TerminateOnNaN()]
+        if c.measure_noise_scale:
+            out.append(noise_scale.NoiseScaleLogger())
         if backup_dir:
             out.append(callbacks_lib.BackupAndRestore(
                 backup_dir, save_freq=c.backup_every_steps or "epoch", cluster=self.cluster))
@@ -268,6 +272,7 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
         "base_lr": config.base_lr, "peak_lr": exp.peak_lr, "lr_scaling": config.lr_scaling,
         "warmup_epochs": config.warmup_epochs, "warmup_steps": config.warmup_steps, "epochs": config.epochs,
         "steps_per_epoch": exp.steps_per_epoch, "resumed_from": [initial_epoch, initial_step],
+        **{k: history[k][-1] for k in noise_scale.LOG_KEYS if k in history},
         "final_metrics": {**{k: v[-1] for k, v in history.items() if not k.startswith("val_")},
                           **{f"val_{k}": v for k, v in final.items()}},
         "history": history,

@@ -35,15 +35,15 @@ def optimizer_fn(name):
     return keras.optimizers.Adam(0.01)
 
 
-def sliced_dataset(strategy):
+def sliced_dataset(strategy, global_batch=GLOBAL_BATCH):
     """Global batches in order; pipeline i of n yields the i-th slice of each global batch."""
     x, y = data()
 
     def fn(ctx: tf.distribute.InputContext):
-        per_replica = ctx.get_per_replica_batch_size(GLOBAL_BATCH)
+        per_replica = ctx.get_per_replica_batch_size(global_batch)
         per_pipeline = per_replica * (strategy.num_replicas_in_sync // ctx.num_input_pipelines)
         start = ctx.input_pipeline_id * per_pipeline
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH, drop_remainder=True)
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch, drop_remainder=True)
         ds = ds.map(lambda a, b: (a[start:start + per_pipeline], b[start:start + per_pipeline]))
         return ds.unbatch().batch(per_replica, drop_remainder=True).repeat()
 

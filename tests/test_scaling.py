@@ -1,4 +1,5 @@
-"""Tests for dtf.scaling: batch plan, LR scaling, schedules, optimizer factory, gradient accumulation.
+"""Tests for dtf.scaling: batch plan, LR scaling, schedules, optimizer factory, gradient accumulation (one device;
+dtf.accumulation under every strategy: tests/test_accumulation.py).
 
 Several tests use a "constant-gradient" model: y = x·w with x = 1 and per-example loss y, so dloss/dw = 1 and each
 plain-SGD update moves w by exactly -lr. The weight change then shows the LR the optimizer really applied.
@@ -168,9 +169,11 @@ def test_build_optimizer_classes_and_options():
     assert type(lion) is keras.optimizers.Lion and lion.beta_2 == 0.98
     rms = scaling.build_optimizer("rmsprop", 1e-3)
     assert type(rms) is keras.optimizers.RMSprop and rms.momentum == 0.0
-    assert scaling.build_optimizer("sgd", 0.1, gradient_accumulation_steps=3).gradient_accumulation_steps == 3
-    assert scaling.build_optimizer("sgd", 0.1, gradient_accumulation_steps=1).gradient_accumulation_steps is None
-    assert set(scaling.OPTIMIZERS) == {"sgd", "adam", "adamw", "lamb", "lion", "rmsprop"}
+    assert scaling.build_optimizer("sgd", 0.1, gradient_accumulation_steps=3).steps == 3  # dtf's wrapper
+    assert type(scaling.build_optimizer("sgd", 0.1, gradient_accumulation_steps=1)) is keras.optimizers.SGD
+    lars = scaling.build_optimizer("lars", 1.0, nesterov=True, trust_coefficient=0.01, weight_decay=1e-4)
+    assert (lars.momentum, lars.nesterov, lars.trust_coefficient, lars.lars_weight_decay) == (0.9, True, 0.01, 1e-4)
+    assert set(scaling.OPTIMIZERS) == {"sgd", "adam", "adamw", "lamb", "lion", "rmsprop", "lars"}
 
 
 def test_current_lr_constant_and_scheduled():
@@ -234,28 +237,21 @@ class RecordLR(keras.callbacks.Callback):
         self.kernels.append(float(self.model.get_weights()[0][0, 0]))
 
 
-def test_accumulation_schedule_counts_micro_batches():
-    """Keras evaluates the schedule at the micro-batch counter and applies it on every k-th batch."""
-    schedule = scaling.build_schedule("constant", PEAK, total_steps=8, steps_per_epoch=4, warmup_epochs=1,
+def test_accumulation_schedule_counts_updates():
+    """dtf's accumulation evaluates the schedule at the update counter and applies it on every k-th batch, so a
+    schedule built in updates (as Experiment builds it) is followed update by update."""
+    schedule = scaling.build_schedule("constant", PEAK, total_steps=4, steps_per_epoch=2, warmup_epochs=1,
                                       warmup_start_lr=START)
     model = constant_gradient_model(scaling.build_optimizer("sgd", schedule, momentum=0.0,
                                                             gradient_accumulation_steps=2))
     record = RecordLR()
     model.fit(np.ones((16, 2), "float32"), np.zeros((16, 1), "float32"), batch_size=2, shuffle=False, verbose=0,
               callbacks=[record])
-    steps = list(range(8))
-    assert record.lrs == pytest.approx(lr_at(schedule, steps), abs=1e-7)
+    per_update = lr_at(schedule, range(4))  # 0.1, 0.25, 0.4, 0.4
+    assert record.lrs == pytest.approx([lr for lr in per_update for _ in range(2)], abs=1e-7)
     used = -np.diff([0.0] + record.kernels)
-    expected = [lr if step % 2 == 1 else 0.0 for step, lr in zip(steps, lr_at(schedule, steps))]
-    assert used == pytest.approx(expected, abs=1e-6)  # 0.175, 0.325, 0.4, 0.4 on batches 1, 3, 5, 7
+    assert used == pytest.approx([x for lr in per_update for x in (0.0, lr)], abs=1e-6)
     assert int(model.optimizer.iterations.numpy()) == 4
-
-
-def test_accumulation_rejected_under_mirrored():
-    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
-        with pytest.raises(UserError, match=r"--gradient_accumulation_steps=2 does not work under MirroredStrategy"):
-            scaling.build_optimizer("sgd", 0.1, gradient_accumulation_steps=2)
-        assert scaling.build_optimizer("sgd", 0.1).gradient_accumulation_steps is None
 
 
 # ------------------------------------------------------------------------------------------------- mirrored, 4 CPUs
@@ -311,8 +307,8 @@ def test_mirrored_optimizer_uses_the_schedule(mirrored_run):
 
 
 def test_mirrored_keras_accumulation_still_broken(mirrored_run):
-    """Why build_optimizer rejects accumulation under Mirrored: keras-team/keras#20582. If this fails, Keras fixed it:
-    measure exactness under Mirrored and lift the rejection in `_check_accumulation`."""
+    """Why dtf has its own accumulation (dtf.accumulation): keras-team/keras#20582. If this fails, Keras fixed it:
+    measure its exactness under Mirrored and consider dropping dtf's wrapper."""
     assert "merge_call" in (mirrored_run["accumulation_error"] or "")
 
 
@@ -386,7 +382,7 @@ def test_error_messages_give_the_fix():
         scaling.BatchPlan.create(8, global_batch_size=100)
     with pytest.raises(UserError, match="valid: constant, cosine, step, polynomial"):
         scaling.build_schedule("exponential", PEAK, TOTAL, SPE)
-    with pytest.raises(UserError, match="valid: sgd, adam, adamw, lamb, lion, rmsprop"):
+    with pytest.raises(UserError, match="valid: sgd, adam, adamw, lamb, lion, rmsprop, lars"):
         scaling.build_optimizer("adagrad", 0.1)
     with pytest.raises(UserError, match="valid: linear, sqrt, none"):
         scaling.scaled_lr(0.1, 256, rule="cubic")
