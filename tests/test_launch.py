@@ -91,6 +91,19 @@ class Launcher:
                 pytest.fail(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-60:]))
             time.sleep(0.05)
 
+    def wait_for_mid_epoch_backup(self, model_dir, epoch: int, timeout_s: float):
+        """Until the chief's backup in `model_dir` is past step 0 of (0-based) `epoch`, while the launcher runs."""
+        metadata, deadline = model_dir / "backup" / "training_metadata.json", time.monotonic() + timeout_s
+        while True:
+            try:
+                backup = json.loads(metadata.read_text())
+            except (OSError, ValueError):  # not written yet, or caught mid-write
+                backup = {}
+            if backup.get("epoch") == epoch and backup.get("steps_done", 0) > 0:
+                return
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.output
+            time.sleep(0.01)
+
     def wait(self, timeout_s: float) -> int:
         try:
             status = self.proc.wait(timeout=timeout_s)
@@ -452,16 +465,7 @@ def test_dtf_run_resumes_mid_epoch_after_a_sigkill(start_launcher, tmp_path):
     assert reference.wait(160) == 0, reference.output
 
     killed = start_launcher("--num_workers=2", "--max_restarts=1", "--timeout=150", "--", *_run_command(killed_dir))
-    metadata, deadline = killed_dir / "backup" / "training_metadata.json", time.monotonic() + 120
-    while True:
-        try:
-            backup = json.loads(metadata.read_text())
-        except (OSError, ValueError):  # not written yet, or caught mid-write
-            backup = {}
-        if backup.get("epoch") == 1 and backup.get("steps_done", 0) > 0:
-            break
-        assert time.monotonic() < deadline and killed.proc.poll() is None, killed.output
-        time.sleep(0.01)
+    killed.wait_for_mid_epoch_backup(killed_dir, epoch=1, timeout_s=120)
     killed.snapshot()
     os.kill(killed.workers[1][1], signal.SIGKILL)
     assert killed.wait(150) == 0, killed.output

@@ -154,16 +154,7 @@ def test_sigkilled_worker_resumes_the_task_to_the_uninterrupted_result(task_runs
     launcher = Launcher(["--num_workers=2", "--max_restarts=1", "--timeout=300", "--", *_dtf_run(killed_dir)],
                         str(tmp_path))
     try:
-        metadata, deadline = killed_dir / "backup" / "training_metadata.json", time.monotonic() + 240
-        while True:  # the chief's first mid-epoch backup of epoch 2
-            try:
-                backup = json.loads(metadata.read_text())
-            except (OSError, ValueError):
-                backup = {}
-            if backup.get("epoch") == 1 and backup.get("steps_done", 0) > 0:
-                break
-            assert time.monotonic() < deadline and launcher.proc.poll() is None, launcher.output
-            time.sleep(0.01)
+        launcher.wait_for_mid_epoch_backup(killed_dir, epoch=1, timeout_s=240)  # the chief's first in epoch 2
         launcher.snapshot()
         os.kill(launcher.workers[1][1], signal.SIGKILL)
         assert launcher.wait(300) == 0, launcher.output
