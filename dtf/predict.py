@@ -90,7 +90,9 @@ def _check_fit(model, split, preprocess_batch, model_label: str, data_label: str
 
 
 def _body(rest):
-    import dtf  # noqa: F401  (quiet TF and version check before anything else imports it)
+    from dtf import versions
+
+    versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from absl import flags
 
     from dtf import inference, prediction_files, train

@@ -17,8 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dtf  # noqa: E402  (first: dtf quiets TensorFlow's C++ logs before TF loads)
-from dtf import datasets, inference, models  # noqa: E402
+import dtf  # noqa: E402,F401
+from dtf import datasets, inference, models  # noqa: E402  (first: dtf loads TensorFlow quietly)
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
