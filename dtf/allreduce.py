@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-SMALL_BYTES = 4096  # a latency-dominated size; the gradient size is the bandwidth-dominated one
+SMALL_BYTES, LARGE_BYTES = 4096, 4 << 20  # latency-dominated and bandwidth-dominated sizes
 
 
 def measure(strategy: tf.distribute.Strategy, num_bytes: int, repeats: int = 10) -> float:
@@ -41,9 +41,12 @@ def measure(strategy: tf.distribute.Strategy, num_bytes: int, repeats: int = 10)
 
 
 def measure_sizes(strategy: tf.distribute.Strategy, gradient_bytes: int) -> Dict:
-    sizes = sorted({SMALL_BYTES, max(SMALL_BYTES, int(gradient_bytes))})
-    return {"replicas": strategy.num_replicas_in_sync, "bytes": sizes,
-            "seconds": [measure(strategy, n) for n in sizes]}
+    """All-reduce seconds at a latency-bound size, a bandwidth-bound size and the model's gradient size (two sizes at
+    least, so that one replica count already determines both α and β)."""
+    sizes = sorted({SMALL_BYTES, LARGE_BYTES, int(gradient_bytes)})
+    seconds = [measure(strategy, n) for n in sizes]
+    return {"replicas": strategy.num_replicas_in_sync, "bytes": sizes, "seconds": seconds,
+            "gradient_bytes": int(gradient_bytes), "gradient_seconds": seconds[sizes.index(int(gradient_bytes))]}
 
 
 def ring_seconds(p: int, num_bytes: float, alpha_s: float, beta_bytes_per_s: float) -> float:

@@ -9,7 +9,7 @@ Every `dtf.run` flag works (any experiment or --task); the benchmark runs that e
               alternating after warm-up: each one's steady-state step time and the ratio (goal: dtf >= 0.98).
   scaling     examples/s at --bench_replicas (default 1,2,4) replicas at a fixed per-replica batch (weak) and a fixed
               global batch (strong), each replica count in its own interpreter (mirrored on simulated CPU devices,
-              or --bench_workers real worker processes through the launcher); the alpha-beta ring all-reduce model
+              or with --num_workers=N real worker processes, 1, 2, 4, ... N, through the launcher); the alpha-beta ring all-reduce model
               fitted to the measured all-reduce times, with the efficiency it predicts over a --link_gbps link.
               Writes MODEL_DIR/scaling.json, scaling.png.
 
@@ -35,10 +35,10 @@ def _define(argv):
         flags.DEFINE_integer("bench_repeats", 3, "Alternating repeats; the median counts.", lower_bound=1, **kw)
         flags.DEFINE_integer("bench_epochs", 3, "overhead: epochs per fit (the first is not timed).", lower_bound=2,
                              **kw)
-        flags.DEFINE_list("bench_replicas", ["1", "2", "4"], "scaling: replica counts (or worker counts with "
-                          "--bench_workers).", **kw)
-        flags.DEFINE_boolean("bench_workers", False, "scaling: one worker process per replica through the launcher "
-                             "(multi_worker on 127.0.0.1) instead of mirrored simulated CPU devices.", **kw)
+        flags.DEFINE_list("bench_replicas", ["1", "2", "4"], "scaling: replica counts (mirrored).", **kw)
+        flags.DEFINE_integer("num_workers", 0, "scaling: 1, 2, 4, ... and N worker processes (one replica each, "
+                             "multi_worker on 127.0.0.1 through the launcher) instead of mirrored simulated CPU "
+                             "devices over --bench_replicas. 0: mirrored.", lower_bound=0, **kw)
         flags.DEFINE_float("link_gbps", 100.0, "scaling: link bandwidth (Gbit/s) for the all-reduce model's "
                            "prediction.", lower_bound=0.001, **kw)
         flags.DEFINE_float("device_step_ms", None, "scaling: device step time for the model's prediction "
@@ -93,8 +93,8 @@ def format_bottleneck(r: dict) -> str:
              f"alternating repeats after {r['warmup_steps']} warm-up steps; medians)"]
     if "allreduce" in r:
         a = r["allreduce"]
-        lines.append(f"gradient all-reduce ({a['bytes'][-1] / 2**20:.2f} MB over {a['replicas']} replicas): "
-                     f"{1000 * a['seconds'][-1]:.2f} ms")
+        lines.append(f"gradient all-reduce ({a['gradient_bytes'] / 2**20:.2f} MB over {a['replicas']} replicas): "
+                     f"{1000 * a['gradient_seconds']:.2f} ms")
     lines += [f"verdict: {r['verdict'].upper()}", f"  thresholds: {r['thresholds']}", "advice:"]
     lines += [f"  - {item}" for item in r["advice"]] or ["  - none"]
     return "\n".join(lines)

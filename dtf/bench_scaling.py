@@ -1,11 +1,12 @@
 """Weak and strong scaling of one experiment (`python -m dtf.bench scaling`), plus the alpha-beta all-reduce model.
 
 Each replica count runs `python -m dtf.bench bottleneck` in its own interpreter (TF's collective keys clash between
-mirrored strategies of different sizes in one process): mirrored on simulated CPU devices, or with --bench_workers one
-worker process per replica on 127.0.0.1 through `dtf.procs` (the launcher's process groups, with a timeout). Weak
-scaling keeps the per-replica batch (the flags' per-replica batch, else their global batch at 1 replica); strong keeps
-the global batch (the flags' global batch, else the per-replica batch x the largest replica count). The all-reduce times
-each run measured are fitted by `dtf.allreduce` and the model predicts efficiency over a --link_gbps link.
+mirrored strategies of different sizes in one process): mirrored on simulated CPU devices, or with --num_workers=N one
+worker process per replica (1, 2, 4, ... N workers) on 127.0.0.1, started as a group with a timeout by `dtf.procs`
+(the launcher's process groups). Weak scaling keeps the per-replica batch (the flags' per-replica batch, else their
+global batch at 1 replica); strong keeps the global batch (the flags' global batch, else the per-replica batch x the
+largest replica count). The all-reduce times each run measured are fitted by `dtf.allreduce`, and the model predicts
+efficiency over a --link_gbps link.
 """
 import json
 import os
@@ -44,7 +45,7 @@ def batches(config, counts: List[int]) -> Dict[str, int]:
 def _point(config, flag_values, mode: str, replicas: int, global_batch: int) -> Dict:
     folder = os.path.join(config.model_dir, "points", f"{mode}_{replicas}")
     os.makedirs(folder, exist_ok=True)
-    workers = flag_values.bench_workers
+    workers = flag_values.num_workers > 0
     point = config.replace(global_batch_size=global_batch, per_replica_batch_size=None, model_dir=folder,
                            worker_hosts=None, task_index=None,
                            **(dict(strategy="multi_worker", num_cpu_devices=None) if workers else
@@ -66,8 +67,17 @@ def _point(config, flag_values, mode: str, replicas: int, global_batch: int) -> 
         return json.load(f)
 
 
+def worker_counts(num_workers: int) -> List[int]:
+    """1, 2, 4, ... below num_workers, then num_workers."""
+    counts = [1]
+    while counts[-1] * 2 < num_workers:
+        counts.append(counts[-1] * 2)
+    return counts + [num_workers] if num_workers > 1 else counts
+
+
 def run(config, flag_values) -> Dict:
-    counts = replica_counts(flag_values.bench_replicas)
+    counts = (worker_counts(flag_values.num_workers) if flag_values.num_workers
+              else replica_counts(flag_values.bench_replicas))
     sizes = batches(config, counts)
     table = []
     for p in counts:
@@ -84,7 +94,7 @@ def run(config, flag_values) -> Dict:
         for row in rows:
             row["speedup"] = row["examples_per_sec"] / rows[0]["examples_per_sec"]
             row["efficiency"] = row["examples_per_sec"] / (base * row["replicas"])
-    out = {"replicas": counts, **sizes, "workers": bool(flag_values.bench_workers), "points": table,
+    out = {"replicas": counts, **sizes, "workers": flag_values.num_workers > 0, "points": table,
            "model": _model(table, flag_values)}
     write_json(os.path.join(config.model_dir, "scaling.json"), out)
     _plot(table, os.path.join(config.model_dir, "scaling.png"))
@@ -115,7 +125,7 @@ def format_table(out: Dict) -> str:
         ar = row["allreduce"]
         lines.append(f"{row['mode']:>6} {row['replicas']:>8} {row['global_batch_size']:>12} "
                      f"{row['examples_per_sec']:>11.0f} {row['speedup']:>8.2f} {row['efficiency']:>10.2f} "
-                     f"{1000 * ar['seconds'][-1] if ar else 0:>13.2f}")
+                     f"{1000 * ar['gradient_seconds'] if ar else 0:>13.2f}")
     m = out["model"]
     if m:
         lines.append(f"MODEL (alpha-beta ring all-reduce, not a measurement): T(p, n) = 2(p-1)*alpha + 2(p-1)/p * n/beta; "

@@ -84,7 +84,8 @@ def test_bottleneck_cli_on_four_replicas_writes_its_json(tmp_path, capsys):
     assert result["verdict"] in ("input-bound", "balanced", "compute-bound")
     assert f"verdict: {result['verdict'].upper()}" in out and "thresholds: input-bound: input < 1.25" in out
     allreduce_run = result["allreduce"]
-    assert allreduce_run["replicas"] == 4 and allreduce_run["bytes"][-1] == result["gradient_bytes"] > 4096
+    assert allreduce_run["replicas"] == 4 and allreduce_run["gradient_bytes"] == result["gradient_bytes"] > 4096
+    assert len(allreduce_run["bytes"]) >= 2  # two sizes determine alpha and beta
     assert all(s > 0 for s in allreduce_run["seconds"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # written atomically
 
@@ -144,11 +145,19 @@ def test_strong_scaling_global_batch_must_split_over_every_count():
         bench_scaling.batches(Config(global_batch_size=64), [1, 3])
 
 
+def test_worker_counts_double_up_to_the_number_of_workers():
+    from dtf import bench_scaling
+
+    assert bench_scaling.worker_counts(1) == [1] and bench_scaling.worker_counts(2) == [1, 2]
+    assert bench_scaling.worker_counts(6) == [1, 2, 4, 6] and bench_scaling.worker_counts(8) == [1, 2, 4, 8]
+
+
 @pytest.mark.slow
-def test_scaling_run_measures_weak_and_strong_in_own_interpreters(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["--bench_replicas=1,2", "--num_workers=2"])
+def test_scaling_run_measures_weak_and_strong_in_own_interpreters(tmp_path, capsys, where):
     code, out, err = _run_cli(["dtf.bench", "scaling", f"--task={tasks_for_tests_spec()}", "--per_replica_batch_size=8",
-                               "--bench_replicas=1,2", f"--model_dir={tmp_path}", "--bench_steps=4",
-                               "--bench_warmup_steps=2", "--bench_repeats=1", "--link_gbps=10"], capsys)
+                               where, f"--model_dir={tmp_path}", "--bench_steps=4", "--bench_warmup_steps=2",
+                               "--bench_repeats=1", "--link_gbps=10", "--bench_timeout=300"], capsys)
     assert code == 0, err
     print(out)
     result = json.loads((tmp_path / "scaling.json").read_text())
@@ -161,3 +170,8 @@ def test_scaling_run_measures_weak_and_strong_in_own_interpreters(tmp_path, caps
     assert model["link_gbps"] == 10 and [p["replicas"] for p in model["predicted"]][:2] == [2, 4]
     assert "MODEL (alpha-beta ring all-reduce, not a measurement)" in out
     assert (tmp_path / "scaling.png").stat().st_size > 1000
+    assert result["workers"] == where.startswith("--num_workers")
+    strategies = {json.loads((tmp_path / "points" / f"weak_{p}" / "bottleneck.json").read_text())["strategy"]
+                  for p in (1, 2)}
+    assert strategies == ({"CollectiveAllReduceStrategy"} if result["workers"] else
+                          {"OneDeviceStrategy", "MirroredStrategy"})
