@@ -59,7 +59,7 @@ def measure(exp, model, steps: int = 50, warmup_steps: int = 10, repeats: int = 
     """Examples/s of the experiment's input alone, its train step alone and both, after warm-up (medians of
     `repeats` alternating runs of `steps` steps)."""
     data = exp.train_data()
-    model.fit(data.dataset, steps_per_epoch=warmup_steps, epochs=1, verbose=0)  # builds and traces the train step
+    model.fit(data.dataset, steps_per_epoch=warmup_steps, epochs=1, shuffle=False, verbose=0)  # builds, traces the step
     train_step = model.train_function
     per_call = model.steps_per_execution
     real = iter(data.dataset)
