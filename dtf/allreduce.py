@@ -57,7 +57,7 @@ def ring_seconds(p: int, num_bytes: float, alpha_s: float, beta_bytes_per_s: flo
 
 def fit(points: Sequence[Tuple[int, float, float]]) -> Tuple[float, float]:
     """(α seconds, β bytes/s) fitted by least squares to (replicas, bytes, seconds) measurements with replicas >= 2;
-    a coefficient the data pushes below zero is dropped (set to 0 latency / infinite bandwidth) and the other refitted."""
+    a coefficient the data pushes below zero is dropped (0 latency / infinite bandwidth) and the other refitted."""
     rows = [(2 * (p - 1), 2 * (p - 1) / p * n, t) for p, n, t in points if p >= 2]
     if not rows:
         raise ValueError("fitting the all-reduce model needs measurements at 2 or more replicas")

@@ -9,8 +9,9 @@ Every `dtf.run` flag works (any experiment or --task); the benchmark runs that e
               alternating after warm-up: each one's steady-state step time and the ratio (goal: dtf >= 0.98).
   scaling     examples/s at --bench_replicas (default 1,2,4) replicas at a fixed per-replica batch (weak) and a fixed
               global batch (strong), each replica count in its own interpreter (mirrored on simulated CPU devices,
-              or with --num_workers=N real worker processes, 1, 2, 4, ... N, through the launcher); the alpha-beta ring all-reduce model
-              fitted to the measured all-reduce times, with the efficiency it predicts over a --link_gbps link.
+              or with --num_workers=N real worker processes, 1, 2, 4, ... N, through the launcher); the alpha-beta
+              ring all-reduce model fitted to the measured all-reduce times, with the efficiency it predicts over a
+              --link_gbps link.
               Writes MODEL_DIR/scaling.json, scaling.png.
 
 Benchmarks print rates and ratios; on a shared machine compare ratios, not absolute numbers.

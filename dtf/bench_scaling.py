@@ -128,7 +128,8 @@ def format_table(out: Dict) -> str:
                      f"{1000 * ar['gradient_seconds'] if ar else 0:>13.2f}")
     m = out["model"]
     if m:
-        lines.append(f"MODEL (alpha-beta ring all-reduce, not a measurement): T(p, n) = 2(p-1)*alpha + 2(p-1)/p * n/beta; "
+        lines.append("MODEL (alpha-beta ring all-reduce, not a measurement): "
+                     "T(p, n) = 2(p-1)*alpha + 2(p-1)/p * n/beta; "
                      f"fitted here: alpha = {1e6 * m['alpha_s']:.1f} us, beta = {m['beta_bytes_per_s'] / 1e9:.2f} GB/s")
         lines.append(f"  predicted weak-scaling efficiency for a {m['device_step_ms']:.1f} ms device step, "
                      f"{m['gradient_bytes'] / 2**20:.2f} MB of gradients, a {m['link_gbps']:g} Gbit/s link and the "

@@ -2,9 +2,9 @@
 
 Data parallelism pays only when training, not input, is the limit, so this measures, for the experiment exactly as
 `dtf.run` would train it (its strategy, per-replica pipelines and compiled train step): (a) the input pipeline alone,
-(b) the train step fed from one batch already in memory, (c) both together. The three alternate (in-memory training, input, end-to-end) after warm-up and the
-median of the repeats counts (the machine may be shared). The fraction of the step spent waiting for input is derived
-as 1 - (b)'s step time / (c)'s step time, per repeat (adjacent runs), median.
+(b) the train step fed from one batch already in memory, (c) both together. The three alternate (in-memory training,
+input, end-to-end) after warm-up and the median of the repeats counts (the machine may be shared).
+The fraction of the step spent waiting for input is 1 - (b)'s step time / (c)'s, per repeat (adjacent runs), median.
 """
 import json
 import os

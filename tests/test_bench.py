@@ -24,8 +24,8 @@ CROSS_DEVICE_OPS = "--cross_device_ops=reduce_to_one"
 def _experiment(task, tmp_path, strategy="one_device", **overrides):
     config = Config(**{**dict(global_batch_size=64, optimizer="sgd", base_lr=0.01, epochs=1, seed=1,
                               model_dir=str(tmp_path), strategy=strategy), **overrides})
-    return train.Experiment(config, dtf.create_strategy(strategy, num_cpu_devices=4 if strategy == "mirrored" else None),
-                            cluster_lib.parse_tf_config(), task)
+    strategy = dtf.create_strategy(strategy, num_cpu_devices=4 if strategy == "mirrored" else None)
+    return train.Experiment(config, strategy, cluster_lib.parse_tf_config(), task)
 
 
 @pytest.mark.parametrize("input_eps, training_eps, wait, expected", [
