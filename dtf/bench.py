@@ -21,7 +21,6 @@ import sys
 from dtf import cli
 
 
-
 def _define(argv):
     from absl import flags
 
@@ -30,7 +29,8 @@ def _define(argv):
     dtf_flags.define_flags()
     kw = dict(module_name="dtf: bench")
     if "bench_steps" not in flags.FLAGS:
-        flags.DEFINE_integer("bench_steps", 50, "Timed steps per run (overhead: steps per epoch).", lower_bound=2, **kw)
+        flags.DEFINE_integer("bench_steps", 50, "Timed steps per run (overhead: steps per epoch, as --steps_per_epoch).",
+                             lower_bound=2, **kw)
         flags.DEFINE_integer("bench_warmup_steps", 10, "Untimed steps first (traces, fills buffers).", lower_bound=1,
                              **kw)
         flags.DEFINE_integer("bench_repeats", 3, "Alternating repeats; the median counts.", lower_bound=1, **kw)
