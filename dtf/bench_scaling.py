@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Dict, List
 
-from dtf import allreduce, procs
+from dtf import allreduce, procs, train
 from dtf import cluster as cluster_lib
 from dtf.bottleneck import write_json
 from dtf.errors import UserError
@@ -76,6 +76,7 @@ def worker_counts(num_workers: int) -> List[int]:
 
 
 def run(config, flag_values) -> Dict:
+    train.check_model_dir(config.model_dir)
     counts = (worker_counts(flag_values.num_workers) if flag_values.num_workers
               else replica_counts(flag_values.bench_replicas))
     sizes = batches(config, counts)

@@ -119,6 +119,12 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys, tmp_path):
     assert code == 2 and words in err and err.count("\n") == 1, err
 
 
+def test_unwritable_model_dir_is_refused_before_any_run(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, _, err = _run_cli(["dtf.bench", "scaling", f"--model_dir={tmp_path / 'file' / 'out'}"], capsys)
+    assert code == 2 and f"--model_dir={tmp_path / 'file' / 'out'} is not writable" in err and err.count("\n") == 1
+
+
 def test_alpha_beta_fit_recovers_the_model_and_predicts_falling_efficiency():
     alpha, beta = 20e-6, 5e9
     points = [(p, n, allreduce.ring_seconds(p, n, alpha, beta)) for p in (2, 4) for n in (4096, 8 << 20)]
