@@ -34,10 +34,11 @@ class TrainingScalars(keras.callbacks.Callback):
         self._writer = tf.summary.create_file_writer(self._dir)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = self._window_start = time.perf_counter()
+        self._epoch_start = self._window_start = self._last_step_end = time.perf_counter()
         self._epoch_steps = self._window_steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
+        self._last_step_end = time.perf_counter()  # epoch rates stop here: Keras validates before on_epoch_end
         self._epoch_steps += 1
         self._window_steps += 1
         if self._epoch_steps % self.every == 0:
@@ -51,7 +52,7 @@ class TrainingScalars(keras.callbacks.Callback):
             self._window_start, self._window_steps = now, 0
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
+        seconds = max(self._last_step_end - self._epoch_start, 1e-9)
         if logs is not None:
             logs["learning_rate"] = scaling.current_lr(self.model.optimizer)
             logs["examples_per_sec"] = self._epoch_steps * self.global_batch_size / seconds
