@@ -19,9 +19,9 @@ _EXPORTS = {
     "distribute_dataset": "dtf.data", "Task": "dtf.task",
 }
 # Submodules that never import TensorFlow; any other `from dtf import <submodule>` loads it the dtf way first.
-_LIGHT = {"batch_study", "bench", "choices", "cli", "cluster", "config", "errors", "exitcodes", "flags", "launch", "logs",
-          "manifests", "netns", "objectives", "procs", "ray", "run", "slurm", "slurm_task", "tune", "tune_distributed",
-          "versions"}
+_LIGHT = {"batch_study", "bench", "choices", "cli", "cluster", "config", "errors", "exitcodes", "flags", "launch",
+          "logs", "manifests", "netns", "objectives", "procs", "ray", "run", "slurm", "slurm_task", "tune",
+          "tune_distributed", "versions"}
 
 __all__ = ["ClusterInfo", "DtfError", "Task", "TrainingDiverged", "UserError", "build_tf_config", "callbacks",
            "create_strategy", "distribute_dataset", "parse_tf_config", "scaling", "simulate_cpu_devices"]

@@ -258,12 +258,14 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
                  f"step {initial_step}")
     if cluster.is_chief:
         write_run_metadata(log_dir, resolved)
-    train_start = time.time()
     history = exp.fit(model, exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR)),
                       initial_epoch, initial_step)
-    train_time = time.time() - train_start
     final = exp.evaluate(model)
-    steps_run = exp.total_steps - initial_epoch * exp.steps_per_epoch - initial_step
+    # Training steps only (validation excluded): each epoch's step time, as TrainingScalars measured it.
+    epoch_steps = [exp.steps_per_epoch] * len(history.get("step_time_ms", []))
+    if epoch_steps and initial_step:
+        epoch_steps[0] -= initial_step  # a resumed run finished a partial epoch first
+    train_seconds = sum(ms / 1000 * n for ms, n in zip(history.get("step_time_ms", []), epoch_steps))
     summary = {
         "task": resolved.task, "dataset": resolved.dataset, "model": resolved.model,
         "strategy": type(strategy).__name__,
@@ -276,7 +278,7 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
         "final_metrics": {**{k: v[-1] for k, v in history.items() if not k.startswith("val_")},
                           **{f"val_{k}": v for k, v in final.items()}},
         "history": history,
-        "examples_per_sec": steps_run * exp.plan.global_batch_size / max(train_time, 1e-9),
+        "examples_per_sec": sum(epoch_steps) * exp.plan.global_batch_size / max(train_seconds, 1e-9),
         "wall_time_s": time.time() - start, "versions": versions.versions(),
     }
     _export(config, cluster, model, resolved, summary)
