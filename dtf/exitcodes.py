@@ -6,7 +6,7 @@
 | 1 | crash (an unexpected exception, or any status not listed here) | yes, up to --max_restarts |
 | 2 | user error: a bad flag, value or file; the message names it | never |
 | 3 | diverged: the loss became NaN/inf (lower the LR, add warmup, clip) | never |
-| 143 | preempted: stopped on SIGTERM after saving a resumable backup | always (not counted as a restart) |
+| 143 | preempted: ended by SIGTERM; the rerun resumes from the last backup | always (not counted as a restart) |
 
 143 is what a shell reports for a process ended by SIGTERM (128 + 15), so a cluster manager that knows nothing of
 dtf reads a preempted dtf job the way it reads any job it terminated, and Kubeflow's `restartPolicy: ExitCode`
