@@ -43,6 +43,20 @@ def write_json(path: str, obj):
     write_text(path, json.dumps(obj, indent=2, default=float))
 
 
+def unwritable(directory: str):
+    """None when `directory` (on any TensorFlow filesystem) can be created and written, else why not; a probe file
+    is written and removed, nothing is left behind but the directory."""
+    probe = _temporary_name(os.path.join(directory, "write-check"))
+    try:
+        tf.io.gfile.makedirs(directory)
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("")
+        tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        return getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+    return None
+
+
 def is_temporary(name: str) -> bool:
     """True for a leftover of a write that was killed before its rename (safe to delete)."""
     return os.path.basename(name).startswith(".tmp-")

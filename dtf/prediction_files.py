@@ -6,11 +6,11 @@ and renamed at the end, so a reader (or a failed run) never leaves half a file; 
 `overwrite`.
 """
 import os
-import tempfile
 from typing import Dict
 
 import numpy as np
 
+from dtf import atomic
 from dtf.atomic import replacing
 from dtf.errors import UserError
 
@@ -38,13 +38,9 @@ def check_target(path: str, overwrite: bool, num_outputs: int = 1):
     if os.path.exists(path) and not overwrite:
         raise UserError(f"{FLAG}={path} exists; choose a new name or add --overwrite")
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise UserError(f"{FLAG}={path}: cannot write in {directory} ({e.strerror}); choose a directory you can "
-                        "write") from None
+    reason = atomic.unwritable(directory)
+    if reason:
+        raise UserError(f"{FLAG}={path}: cannot write in {directory} ({reason}); choose a directory you can write")
 
 
 def write(path: str, outputs: Dict[str, np.ndarray], overwrite: bool = False):

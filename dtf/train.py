@@ -53,14 +53,8 @@ def create_strategy(config: Config) -> tf.distribute.Strategy:
 
 def check_model_dir(path: str, flag: str = "--model_dir"):
     """Fail before training if the chief cannot write `path` (on any TensorFlow filesystem; nothing is left behind)."""
-    probe = os.path.join(path, f".dtf-write-check-{os.getpid()}")
-    try:
-        tf.io.gfile.makedirs(path)
-        with tf.io.gfile.GFile(probe, "w") as f:
-            f.write("")
-        tf.io.gfile.remove(probe)
-    except (OSError, tf.errors.OpError) as e:
-        reason = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+    reason = atomic.unwritable(path)
+    if reason:
         raise UserError(f"{flag}={path} is not writable ({reason}); choose a directory you can write")
 
 
