@@ -1,18 +1,22 @@
-"""Keras 3 fixes so `fit`/`evaluate`/`predict`/`save` work under MultiWorkerMirroredStrategy.
+"""Keras 3 fixes so `fit`/`evaluate`/`predict`/`save` work under MultiWorkerMirroredStrategy (and evaluation of
+small splits under MirroredStrategy).
 
 Keras 3 (TF >= 2.16) ships two bugs that stop multi-worker training (keras-team/keras#20585,
 tensorflow/tensorflow#72388, ray-project/ray#47464):
 
 1. `TensorFlowTrainer._maybe_symbolic_build` calls `strategy.reduce("MEAN", batch)` on the whole nested PerReplica
    batch to get example shapes; CollectiveAllReduce cannot reduce a nest ("Attempt to convert a value (PerReplica…)").
-   Fix: under multi-worker, build from this worker's first local batch; only shapes and dtypes matter there.
+   Under MirroredStrategy the reduce is an AddN, which fails whenever the replicas' first batches differ in size: an
+   evaluation split smaller than one global batch leaves some replicas an empty batch ("Inputs to operation AddN …
+   must have the same size and shape. Input 0: [10,8] != input 1: [0,8]").
+   Fix: under any distribution strategy, build from the first local batch; only shapes and dtypes matter there.
 2. `reduce_per_replica` reduces metric values with `strategy.reduce("MEAN", v, axis=0)` under multi-worker; loss and
    metrics are scalars ("Invalid reduction dimension 0 for input with 0 dimensions"), and for a non-scalar it would
    also average within the tensor. Fix: `axis=None`, i.e. the mean across replicas, as in the single-worker path.
 
 The chief-aware file writing that Keras 3 also lacks lives in `dtf.callbacks`. Both patches are applied only under
-the Keras versions in `dtf.versions.KERAS_RANGE` (checked at `import dtf`), each is a no-op outside multi-worker
-mode, and `apply()` is idempotent. Delete this module when Keras fixes the issues above.
+the Keras versions in `dtf.versions.KERAS_RANGE` (checked at `import dtf`), the second is a no-op outside
+multi-worker mode, and `apply()` is idempotent. Delete this module when Keras fixes the issues above.
 """
 import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as tf_trainer
@@ -33,7 +37,7 @@ def _first_local(value):
 
 
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    if self._distribute_strategy is None or not _is_multi_worker(self._distribute_strategy):
+    if self._distribute_strategy is None:
         return _ORIGINAL_SYMBOLIC_BUILD(self, iterator=iterator, data_batch=data_batch)
     if iterator is not None:
         for _, _, it in iterator:
@@ -52,7 +56,7 @@ def reduce_per_replica(values, strategy, reduction):
 
 
 def apply():
-    """Install the fixes (idempotent). `dtf.create_strategy` calls this for multi_worker; users building their own
-    `MultiWorkerMirroredStrategy` call it once before `model.fit`."""
+    """Install the fixes (idempotent). `dtf.create_strategy` calls this for mirrored and multi_worker; users building
+    their own strategy call it once before `model.fit`."""
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     tf_trainer.reduce_per_replica = reduce_per_replica

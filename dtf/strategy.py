@@ -97,8 +97,8 @@ def create_strategy(
     """Build a `tf.distribute.Strategy` by name.
 
     `auto` is multi_worker when TF_CONFIG names more than one training task, mirrored when there is more than one GPU
-    or `num_cpu_devices > 1`, else the default strategy. Creating a multi_worker strategy also applies the Keras 3
-    multi-worker fixes (`dtf.keras_compat`).
+    or `num_cpu_devices > 1`, else the default strategy. Creating a mirrored or multi_worker strategy also applies the
+    Keras 3 fixes (`dtf.keras_compat`).
     """
     name = _pick(name, STRATEGIES, "strategy")
     info = cluster_lib.parse_tf_config()
@@ -140,6 +140,7 @@ def create_strategy(
             else:
                 gpus = _gpu_devices(num_gpus)
                 devices = [f"/gpu:{i}" for i in range(gpus)] if gpus else ["/cpu:0"]
+        keras_compat.apply()
         strategy = tf.distribute.MirroredStrategy(
             devices=list(devices), cross_device_ops=cross_device_ops(cross_device_ops_name, num_packs))
     else:  # multi_worker
