@@ -8,7 +8,10 @@ with no communication, and on every k-th micro-batch the wrapped optimizer runs 
 where tf.distribute allows it. k micro-batches of global batch B then give the update of one batch of k·B.
 
 The wrapper is also the one place that sees each replica's gradient before the all-reduce and the all-reduced one
-after it, so it hosts the gradient-noise-scale measurement (`dtf.noise_scale`), with or without accumulation.
+after it, so it hosts the gradient-noise-scale measurement (`dtf.noise_scale`) and gradient clipping, with or without
+accumulation. Keras clips in `apply`, i.e. each replica's share before the all-reduce (base_optimizer.py `apply` →
+`_clip_gradients`, then tensorflow/optimizer.py `_backend_update_step` → `_all_reduce_sum_gradients`), so a clip that
+binds would change training with the replica count; here the all-reduced gradient is clipped, as on one device.
 """
 import keras
 import tensorflow as tf
@@ -21,26 +24,32 @@ from dtf import noise_scale as noise_lib
 @keras.saving.register_keras_serializable(package="dtf")
 class GradientAccumulation(keras.optimizers.Optimizer):
     """Apply `inner_optimizer` every `steps` micro-batches to the mean of their gradients; optionally measure the
-    gradient noise scale (`noise_scale_batch` = the per-replica micro-batch size).
+    gradient noise scale (`noise_scale_batch` = the per-replica micro-batch size) and clip the all-reduced gradient
+    (`clipnorm`, `global_clipnorm`, `clipvalue`: Keras's meanings, given here instead of to the inner optimizer).
 
     `iterations` and the learning rate are the inner optimizer's, so LR schedules count updates, not micro-batches.
     """
 
     def __init__(self, inner_optimizer, steps: int = 1, noise_scale_batch=None,
-                 noise_scale_ema: float = noise_lib.DEFAULT_EMA_DECAY, name=None):
-        super().__init__(learning_rate=0.0, name=name)
+                 noise_scale_ema: float = noise_lib.DEFAULT_EMA_DECAY, clipnorm=None, global_clipnorm=None,
+                 clipvalue=None, name=None):
+        super().__init__(learning_rate=0.0, clipnorm=clipnorm, global_clipnorm=global_clipnorm, clipvalue=clipvalue,
+                         name=name)
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if inner_optimizer.gradient_accumulation_steps or inner_optimizer.use_ema:
             raise ValueError("the inner optimizer must not accumulate gradients or keep an EMA itself")
+        if inner_optimizer.clipnorm or inner_optimizer.global_clipnorm or inner_optimizer.clipvalue:
+            raise ValueError("give the clipping to the wrapper: the inner optimizer would clip before the all-reduce")
         self.inner_optimizer = inner_optimizer
         self.steps = int(steps)
         self.noise_scale_batch = None if noise_scale_batch is None else int(noise_scale_batch)
         self.noise_scale_ema = float(noise_scale_ema)
         self.noise_scale = None
-        if self.noise_scale_batch:  # hook where Keras's TF optimizer all-reduces, to see the all-reduced gradient
+        if self.noise_scale_batch or self.clipnorm or self.global_clipnorm or self.clipvalue:
+            # Hook where Keras's TF optimizer all-reduces, to see the all-reduced gradient.
             self._inner_all_reduce = inner_optimizer._all_reduce_sum_gradients  # pylint: disable=protected-access
-            inner_optimizer._all_reduce_sum_gradients = self._all_reduce_and_measure  # pylint: disable=protected-access
+            inner_optimizer._all_reduce_sum_gradients = self._all_reduce_hook  # pylint: disable=protected-access
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
@@ -110,19 +119,24 @@ class GradientAccumulation(keras.optimizers.Optimizer):
 
         tf.distribute.get_replica_context().merge_call(cross_replica)
 
-    def _all_reduce_and_measure(self, grads_and_vars):
-        """The inner optimizer's all-reduce, with this replica's summed small-batch squared norms riding along as one
-        more value; then one noise-scale measurement from the two norms."""
+    def _all_reduce_hook(self, grads_and_vars):
+        """The inner optimizer's all-reduce; with the noise scale, this replica's summed small-batch squared norms
+        ride along as one more value and one measurement is taken from the two norms (of the unclipped gradient);
+        then the all-reduced gradient is clipped."""
         grads_and_vars = list(grads_and_vars)
-        # On a gradient's device: tf.distribute derives the all-reduce destination from it (a variable read has
-        # none under MultiWorkerMirroredStrategy: "destinations can not be empty").
-        with tf.device(next(g for g, _ in grads_and_vars if g is not None).device):
-            small = tf.identity(self._small_sq.value)
-        reduced = self._inner_all_reduce(grads_and_vars + [(small, self._small_sq)])
-        small_total = reduced.pop()[0]
-        count = self._distribution_strategy.num_replicas_in_sync * self.steps
-        self.noise_scale.update(small_total / count, noise_lib.squared_norm([g for g, _ in reduced]))
-        return reduced
+        if self.noise_scale is None:
+            reduced = self._inner_all_reduce(grads_and_vars)
+        else:
+            # On a gradient's device: tf.distribute derives the all-reduce destination from it (a variable read has
+            # none under MultiWorkerMirroredStrategy: "destinations can not be empty").
+            with tf.device(next(g for g, _ in grads_and_vars if g is not None).device):
+                small = tf.identity(self._small_sq.value)
+            reduced = self._inner_all_reduce(grads_and_vars + [(small, self._small_sq)])
+            small_total = reduced.pop()[0]
+            count = self._distribution_strategy.num_replicas_in_sync * self.steps
+            self.noise_scale.update(small_total / count, noise_lib.squared_norm([g for g, _ in reduced]))
+        variables = [v for _, v in reduced]
+        return list(zip(self._clip_gradients([g for g, _ in reduced]), variables))
 
     @property
     def learning_rate(self):
@@ -144,7 +158,8 @@ class GradientAccumulation(keras.optimizers.Optimizer):
 
     def get_config(self):
         return {"name": self.name, "steps": self.steps, "noise_scale_batch": self.noise_scale_batch,
-                "noise_scale_ema": self.noise_scale_ema,
+                "noise_scale_ema": self.noise_scale_ema, "clipnorm": self.clipnorm,
+                "global_clipnorm": self.global_clipnorm, "clipvalue": self.clipvalue,
                 "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer)}
 
     @classmethod

@@ -325,8 +325,9 @@ def build_optimizer(name: str, learning_rate: Union[float, keras.optimizers.sche
     Options that `name` does not take are rejected, not ignored; None means Keras's default, except SGD/LARS
     momentum, which defaults to `DEFAULT_SGD_MOMENTUM`. `weight_decay` is decoupled (w -= lr·wd·w) in every Keras 3
     optimizer, so it is accepted for all; for LARS it is the paper's coupled decay inside the trust ratio. AdamW keeps
-    Keras's 0.004 when it is not given. With `gradient_accumulation_steps` > 1 or `measure_noise_scale` (which needs
-    the `per_replica_batch_size`) the optimizer is wrapped in `dtf.accumulation.GradientAccumulation`.
+    Keras's 0.004 when it is not given. With `gradient_accumulation_steps` > 1, `measure_noise_scale` (which needs
+    the `per_replica_batch_size`) or a clip the optimizer is wrapped in `dtf.accumulation.GradientAccumulation`, which
+    clips the all-reduced gradient (Keras clips each replica's share), so N replicas train as one device does.
     """
     name = _pick(name, OPTIMIZERS, "--optimizer")
     # None = not given (nesterov=False too), so only options the user set are checked and passed on.
@@ -353,12 +354,12 @@ def build_optimizer(name: str, learning_rate: Union[float, keras.optimizers.sche
     if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
         learning_rate = float(learning_rate)  # Keras takes a float or a schedule, not an int
 
-    options = dict(own, momentum=momentum, weight_decay=weight_decay, clipnorm=clipnorm,
-                   global_clipnorm=global_clipnorm, clipvalue=clipvalue)
+    options = dict(own, momentum=momentum, weight_decay=weight_decay)
     optimizer = _CLASSES[name](learning_rate=learning_rate, **{k: v for k, v in options.items() if v is not None})
-    if steps == 1 and not measure_noise_scale:
+    if steps == 1 and not measure_noise_scale and not given_clips:
         return optimizer
-    return GradientAccumulation(optimizer, steps, per_replica_batch_size if measure_noise_scale else None)
+    return GradientAccumulation(optimizer, steps, per_replica_batch_size if measure_noise_scale else None,
+                                clipnorm=clipnorm, global_clipnorm=global_clipnorm, clipvalue=clipvalue)
 
 
 def current_lr(optimizer: keras.optimizers.Optimizer) -> float:

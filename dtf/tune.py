@@ -184,9 +184,20 @@ def _space_signature(space: dict, flag_values) -> dict:
 # ---------------------------------------------------------------------------------------------------- hypermodel
 
 
+HYPERBAND_STATE = "hyperband_state.weights.h5"
+
+
+def _state_path(tune_dir, trial_id) -> str:
+    """Where a Hyperband trial's final weights and optimizer state are kept (next to its model_dir files)."""
+    return os.path.join(tune_dir, "trials", str(trial_id), HYPERBAND_STATE)
+
+
 def _make_hypermodel_class():
     import keras
     import keras_tuner as kt
+    import tensorflow as tf
+
+    from dtf import atomic
 
     from dtf import flags as dtf_flags
     from dtf import train
@@ -232,12 +243,40 @@ def _make_hypermodel_class():
             self.exp = train.Experiment(config, self.strategy, self.cluster, self.task)
             return self.exp.build_model()
 
+        def resume_from_parent(self, hp, model) -> int:
+            """The epoch to start at. A trial Hyperband promoted continues its parent trial, as Keras Tuner's own
+            Hyperband means it to: the parent's final weights and optimizer state (its step counter, so the LR
+            schedule goes on where it was), then only epochs tuner/initial_epoch..tuner/epochs are trained."""
+            parent = hp.values.get("tuner/trial_id")
+            if parent is None:
+                return 0
+            path = _state_path(self.tune_dir, parent)
+            if not tf.io.gfile.exists(path):  # e.g. a sweep begun before dtf kept this state: train it all
+                print(f"dtf.tune: trial {self.trial_id}: no saved state of its parent trial {parent} ({path}); "
+                      "training it from epoch 0", file=sys.stderr, flush=True)
+                return 0
+            with self.strategy.scope():
+                if not model.optimizer.built:
+                    model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
+                model.load_weights(path)
+            return int(hp.values["tuner/initial_epoch"])
+
+        def save_state(self, model):
+            """Weights and optimizer state at the end of a Hyperband trial, for the trials it may be promoted to
+            (on the tune_dir, so any tuner worker of a distributed sweep can continue it)."""
+            if self.cluster.is_chief:
+                path = _state_path(self.tune_dir, self.trial_id)
+                tf.io.gfile.makedirs(os.path.dirname(path))
+                with atomic.replacing(path) as tmp:
+                    model.save_weights(tmp)
+
         def fit(self, hp, model, *args, callbacks=None, **kwargs):
             exp, trial_id = self.exp, self.trial_id
             log_dir = os.path.join(self.tune_dir, "tb", str(trial_id))
+            initial_epoch = self.resume_from_parent(hp, model)
             info = {"trial": trial_id, "peak_lr": exp.peak_lr, "global_batch_size": exp.plan.global_batch_size,
                     "base_lr": exp.config.base_lr, "warmup_epochs": exp.config.warmup_epochs,
-                    "lr_scaling": exp.config.lr_scaling}
+                    "lr_scaling": exp.config.lr_scaling, "initial_epoch": initial_epoch}
             if distributed.role() is not None:
                 info["tuner"] = distributed.role()
             self.trials_run.append(trial_id)
@@ -245,7 +284,8 @@ def _make_hypermodel_class():
                 write_run_metadata(log_dir, exp.resolved_config())
             start = time.time()
             try:
-                history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None), verbose=0)
+                history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None),
+                                  initial_epoch=initial_epoch, verbose=0)
             except train.TrainingDiverged as e:
                 h = getattr(model, "history", None)
                 info.update(status="diverged", wall_time_s=time.time() - start, message=str(e),
@@ -259,6 +299,8 @@ def _make_hypermodel_class():
                                            f"{reported}")
             info.update(status="completed", wall_time_s=time.time() - start,
                         epochs_run=len(history.get("loss", [])))
+            if "tuner/epochs" in hp.values:
+                self.save_state(model)
             _write_info(self.tune_dir, trial_id, info)
             result = keras.callbacks.History()
             result.history = history

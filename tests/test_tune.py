@@ -330,3 +330,52 @@ def test_num_tuners_resume_after_chief_killed(tmp_path):
     assert rerun_ids == {"0", "1", "2", "3"} - done_before, (done_before, rerun_ids)  # only the unfinished ones
     assert "Traceback" not in rerun.output
     assert _wait_gone(str(tmp_path)) == []
+
+
+def test_hyperband_promoted_trial_continues_its_parent(run_python, tmp_path):
+    """A trial Hyperband promotes starts from its parent's final weights and optimizer state (so its step counter,
+    hence its LR schedule position, goes on) and trains only the remaining epochs; the sweep's total epochs drop."""
+    import numpy as np
+
+    run_python("""
+        import numpy as np
+        from dtf import train, tune
+        fit = train.Experiment.fit
+
+        def snapshot(model):
+            return [w.copy() for w in model.get_weights()] + [np.array(v.numpy()) for v in model.optimizer.variables]
+
+        def recording_fit(self, model, callbacks, initial_epoch=0, **kw):
+            trial = os.path.basename(self.config.model_dir)
+            start = snapshot(model)
+            history = fit(self, model, callbacks, initial_epoch=initial_epoch, **kw)
+            np.savez(os.path.join(OUT, f"start_{trial}.npz"), *start)
+            np.savez(os.path.join(OUT, f"end_{trial}.npz"), *snapshot(model))
+            return history
+
+        train.Experiment.fit = recording_fit
+        sys.exit(tune.main(["dtf.tune", "--dataset=synthetic", "--model=mlp", "--strategy=mirrored",
+                            "--num_cpu_devices=2", "--epochs=3", "--steps_per_epoch=3", "--reference_batch_size=64",
+                            "--seed=1", "--lr_schedule=cosine", "--tune_base_lr=0.01,0.03,0.1", "--tuner=hyperband",
+                            f"--tune_dir={os.path.join(OUT, 'tune')}"]))
+    """)
+    tune_dir = tmp_path / "tune"
+    rows = {r["trial"]: r for r in _rows(tune_dir)}
+    hps = {t: json.loads((tune_dir / "sweep" / f"trial_{t}" / "trial.json").read_text())["hyperparameters"]["values"]
+           for t in rows}
+    promoted = [t for t, hp in hps.items() if "tuner/trial_id" in hp]
+    assert promoted, hps
+    load = lambda name: list(np.load(tmp_path / f"{name}.npz").values())  # noqa: E731
+    for t in promoted:
+        hp, parent = hps[t], hps[t]["tuner/trial_id"]
+        info = json.loads((tune_dir / "trial_info" / f"{t}.json").read_text())
+        assert hp["tuner/initial_epoch"] == hps[parent]["tuner/epochs"] > 0
+        assert info["initial_epoch"] == hp["tuner/initial_epoch"]
+        assert int(rows[t]["epochs_run"]) == hp["tuner/epochs"] - hp["tuner/initial_epoch"]  # only the remainder
+        start, parent_end = load(f"start_{t}"), load(f"end_{parent}")
+        assert len(start) == len(parent_end) and all(np.array_equal(a, b) for a, b in zip(start, parent_end))
+        assert any(a.shape == () and a > 0 for a in start)  # the optimizer's step counter came along
+        assert (tune_dir / "trials" / parent / "hyperband_state.weights.h5").exists()
+    spent = sum(int(r["epochs_run"]) for r in rows.values())
+    from_scratch = sum(hp["tuner/epochs"] for hp in hps.values())
+    assert spent == from_scratch - sum(hps[t]["tuner/initial_epoch"] for t in promoted) < from_scratch
