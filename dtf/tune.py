@@ -15,7 +15,8 @@ A trial's Config is `config_from_flags(**trial_values)` — the same code path a
 peak LR scaled by dtf's rule. A trial that diverges is recorded as failed and the sweep goes on. Rerunning the same
 command resumes the sweep (finished trials are kept). Outputs in --tune_dir: results.csv, best.flags (train it with
 `python -m dtf.run --flagfile=TUNE_DIR/best.flags`), objective_vs_batch.png, TensorBoard logs in tb/<trial_id>
-(with HParams), and keras-tuner's own state in sweep/.
+(with HParams), and keras-tuner's own state in sweep/. Hyperband: a promoted trial continues its parent's weights and
+optimizer state (trials/<id>/hyperband_state.weights.h5) and trains only the epochs its rung adds.
 
 Distributed: `--num_tuners=N` starts, with `dtf.procs`, one chief process (keras-tuner's oracle, served over gRPC on
 127.0.0.1; it never trains) plus N tuner workers (tuner0..tuner{N-1}) that ask it for trials and train them with
