@@ -234,8 +234,6 @@ def _make_hypermodel_class():
                 out["per_replica_batch_size"] = None
             if "warmup_epochs" in out:
                 out["warmup_epochs"] = float(out["warmup_epochs"])
-            if "tuner/epochs" in hp.values:  # hyperband's budget for this bracket
-                out["epochs"] = int(hp.values["tuner/epochs"])
             out["model_dir"] = os.path.join(self.tune_dir, "trials", str(self.trial_id))
             return out
 
@@ -247,7 +245,9 @@ def _make_hypermodel_class():
         def resume_from_parent(self, hp, model) -> int:
             """The epoch to start at. A trial Hyperband promoted continues its parent trial, as Keras Tuner's own
             Hyperband means it to: the parent's final weights and optimizer state (its step counter, so the LR
-            schedule goes on where it was), then only epochs tuner/initial_epoch..tuner/epochs are trained."""
+            schedule goes on where it was), then only epochs tuner/initial_epoch..tuner/epochs are trained. Every
+            Hyperband trial keeps the sweep's --epochs (max_epochs) as its schedule's length and stops early at
+            tuner/epochs (`_StopAfter`), so a promoted trial is the exact continuation of its parent's run."""
             parent = hp.values.get("tuner/trial_id")
             if parent is None:
                 return 0
@@ -285,7 +285,8 @@ def _make_hypermodel_class():
                 write_run_metadata(log_dir, exp.resolved_config())
             start = time.time()
             try:
-                history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None),
+                budget = [_StopAfter(hp.values["tuner/epochs"])] if "tuner/epochs" in hp.values else []
+                history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None) + budget,
                                   initial_epoch=initial_epoch, verbose=0)
             except train.TrainingDiverged as e:
                 h = getattr(model, "history", None)
@@ -307,6 +308,17 @@ def _make_hypermodel_class():
             result.history = history
             result.epoch = list(range(len(history.get("loss", []))))
             return result
+
+    class _StopAfter(keras.callbacks.Callback):
+        """Ends training after `epochs` epochs (a Hyperband rung's budget) without shortening the LR schedule."""
+
+        def __init__(self, epochs):
+            super().__init__()
+            self.epochs = int(epochs)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 >= self.epochs:
+                self.model.stop_training = True
 
     class ObjectiveNotReported(kt.errors.FatalError):
         """Stops the whole sweep (keras-tuner only records other errors as a failed trial and goes on)."""
