@@ -82,8 +82,9 @@ class Config:
     momentum: Optional[float] = _f(None, "optimization", "SGD/RMSprop momentum (SGD default 0.9).", lower=0)
     nesterov: bool = _f(False, "optimization", "Nesterov momentum (SGD).")
     weight_decay: Optional[float] = _f(None, "optimization", "Decoupled weight decay.", lower=0)
-    clipnorm: Optional[float] = _f(None, "optimization", "Clip each gradient to this norm.", positive=True)
-    global_clipnorm: Optional[float] = _f(None, "optimization", "Clip all gradients to this global norm.",
+    clipnorm: Optional[float] = _f(None, "optimization", "Clip each all-reduced gradient to this norm.",
+                                   positive=True)
+    global_clipnorm: Optional[float] = _f(None, "optimization", "Clip the all-reduced gradients to this global norm.",
                                           positive=True)
     trust_coefficient: Optional[float] = _f(None, "optimization", "LARS trust coefficient η (default 0.001).",
                                             positive=True)
