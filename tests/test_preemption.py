@@ -82,9 +82,10 @@ def test_sigterm_to_one_worker_stops_all_at_one_step_and_the_restart_matches(
     assert job.wait(150) == 0, job.output
     out = job.output
     # Both workers stopped at the same step, the chief's backup is at that step, and the rerun resumed there.
-    stops = {m.groups() for m in STOPPED.finditer(out)}
-    assert len(stops) == 1 and len(STOPPED.findall(out)) == 2, out
-    epoch, step = next(iter(stops))
+    stops = dict(re.findall(r"^\[(chief|worker 1)\] dtf\.run: error: (preempted: stopped at epoch \d+, step \d+) ", out,
+                            re.M))
+    assert sorted(stops) == ["chief", "worker 1"] and stops["chief"] == stops["worker 1"], out
+    epoch, step = STOPPED.match(stops["chief"]).groups()
     assert epoch == "2" and 0 < int(step) < 40, out
     assert f"[chief] dtf: resuming from the backup in {model_dir}/backup: epoch 2, step {step}" in out
     assert "preempted (exit status 143); restarting all 2 worker(s) on new ports (not counted" in out
