@@ -61,8 +61,9 @@ class Preemption(keras.callbacks.Callback):
         self._watchdog: Optional[threading.Timer] = None
         self._closing = threading.Event()
         self._watcher: Optional[threading.Thread] = None
+        self._previous = None  # the SIGTERM handler to put back when training is over
         if threading.current_thread() is threading.main_thread():  # else Python cannot take signals here
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def attach(self, steps_per_epoch: int, callbacks: Sequence[keras.callbacks.Callback]):
         """The run's callbacks: their BackupAndRestore saves at the stop step (it counts the steps), and the others
@@ -108,10 +109,14 @@ class Preemption(keras.callbacks.Callback):
             return
 
     def close(self):
-        """Stop the watcher thread (training is over)."""
+        """Training is over: stop the watcher thread and give SIGTERM back to the handler before ours (in a dtf
+        command, the default: a SIGTERM while it evaluates or exports ends it, and the rerun resumes from the last
+        epoch's backup). A watchdog already armed keeps running: it bounds the exit."""
         self._closing.set()
         if self._watcher is not None:
             self._watcher.join()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     # --- the training loop
     def on_train_begin(self, logs=None):
