@@ -96,6 +96,35 @@ def test_sigterm_to_one_worker_stops_all_at_one_step_and_the_restart_matches(
 
 
 @pytest.mark.slow
+def test_a_stuck_peer_ends_the_job_143_at_the_grace_and_it_resumes_from_the_last_backup(
+        reference_2_workers, launchers, tmp_path):
+    """Worker 1 is frozen (SIGSTOP) when the chief gets SIGTERM: no step can be agreed on, so the chief's watchdog
+    exits 143 at --preemption_grace_s without a new backup; the restart resumes from the last whole one."""
+    model_dir = tmp_path / "run"
+    job = launchers("--num_workers=2", "--preemption_grace_s=3", "--timeout=200", "--",
+                    *_run_command(model_dir, "--preemption_grace_s=5"))
+    job.wait_for_mid_epoch_backup(model_dir, epoch=1, timeout_s=150)
+    job.snapshot()
+    os.kill(job.workers[1][1], signal.SIGSTOP)
+    sent = time.monotonic()
+    os.kill(job.workers[0][1], signal.SIGTERM)
+    job.wait_for(r"chief .* died: exit code 143", 20)
+    took = time.monotonic() - sent
+    assert 4.5 < took < 10, job.output
+    before = _backup(model_dir)
+    assert before["steps_done"] % 5 == 0  # a regular backup (every 5 steps), none at a stop step
+    assert job.wait(150) == 0, job.output
+    out = job.output
+    assert "preempted: stopped at" not in out
+    assert re.search(r"^\[chief\] .*without a new backup \(the rerun resumes from the last whole one\)", out, re.M)
+    assert f"resuming from the backup in {model_dir}/backup: epoch 2, step {before['steps_done']}" in out
+    print(f"stuck peer: the chief exited 143 {took:.1f}s after SIGTERM (grace 5s); resumed at epoch 2 step "
+          f"{before['steps_done']}")
+    _assert_same_weights(model_dir, reference_2_workers)
+    assert job.leftovers() == []
+
+
+@pytest.mark.slow
 def test_sigterm_to_a_mirrored_process_backs_up_at_its_step_and_the_rerun_matches(tmp_path):
     """One process (mirrored on 2 logical CPUs): SIGTERM → exit 143 after the current step, backed up at it; the
     rerun resumes at that step and ends with the uninterrupted run's weights exactly."""
