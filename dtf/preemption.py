@@ -39,8 +39,8 @@ _POLL_MS = 1000  # the watcher's blocking read returns this often to see whether
 
 
 class Preempted(DtfError):
-    """The job was preempted and stopped at a step every worker reached (backed up there, unless `backed_up` is
-    False): exit 143, and the rerun resumes."""
+    """The job was preempted: it stopped at a step every worker reached and backed up there (or, when the workers
+    could not agree in time, without a new backup). Exit 143: the rerun resumes."""
 
     exit_status = exitcodes.PREEMPTED
 
