@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from test_slurm import RUN, REPO, _emit, _env, _submit, _weights, slurm  # noqa: F401  (slurm: the fixture)
+from test_slurm import RUN, REPO, _emit, _submit, _weights, slurm  # noqa: F401  (slurm: the fixture)
 
 pytestmark = pytest.mark.slow
 PREEMPTED_RUN = [*RUN, "--steps_per_epoch=40", "--backup_every_steps=5"]  # later flags win
