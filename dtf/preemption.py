@@ -61,9 +61,18 @@ class Preemption(keras.callbacks.Callback):
         self._watchdog: Optional[threading.Timer] = None
         self._closing = threading.Event()
         self._watcher: Optional[threading.Thread] = None
-        self._previous = None  # the SIGTERM handler to put back when training is over
+        self._lock = threading.Lock()
+        self._previous = None  # the SIGTERM handler and wakeup fd to put back when training is over
         if threading.current_thread() is threading.main_thread():  # else Python cannot take signals here
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            # Python runs a signal handler only when the main thread next runs Python code, and a worker whose peer
+            # is gone sits in a collective for minutes. Python also writes each signal's number to the wakeup fd
+            # at once: a thread reading it starts the watchdog whatever the main thread is doing.
+            read_fd, self._wakeup_fd = os.pipe()
+            os.set_blocking(self._wakeup_fd, False)
+            self._previous = (signal.signal(signal.SIGTERM, self._on_sigterm),
+                              signal.set_wakeup_fd(self._wakeup_fd, warn_on_full_buffer=False))
+            threading.Thread(target=self._read_signals, args=(read_fd,), name="dtf-preemption-signals",
+                             daemon=True).start()
 
     def attach(self, steps_per_epoch: int, callbacks: Sequence[keras.callbacks.Callback]):
         """The run's callbacks: their BackupAndRestore saves at the stop step (it counts the steps), and the others
@@ -73,18 +82,28 @@ class Preemption(keras.callbacks.Callback):
         self._others = [cb for cb in callbacks if cb is not self._backup]
 
     # --- signal, watchdog, watcher (threads other than the training loop)
-    def _on_sigterm(self, signum, frame):
+    def _on_sigterm(self, signum=None, frame=None):
         del signum, frame
-        if self._signalled is None:
+        with self._lock:
+            if self._signalled is not None:
+                return
             self._signalled = time.monotonic()
-            log.info(f"preemption: got SIGTERM; stopping at an agreed step within {self.grace_s:g}s")
-            self._arm_watchdog()
+        log.info(f"preemption: got SIGTERM; stopping at an agreed step within {self.grace_s:g}s")
+        self._arm_watchdog()
+
+    def _read_signals(self, read_fd: int):
+        with os.fdopen(read_fd, "rb", buffering=0) as signals:
+            for chunk in iter(lambda: signals.read(64), b""):  # b"": `close` closed the other end
+                if signal.SIGTERM in chunk:
+                    self._on_sigterm()
 
     def _arm_watchdog(self):
-        if self._watchdog is None:
+        with self._lock:
+            if self._watchdog is not None:
+                return
             self._watchdog = threading.Timer(self.grace_s, self._expire)
             self._watchdog.daemon = True
-            self._watchdog.start()
+        self._watchdog.start()
 
     def _expire(self):
         sys.stderr.write(f"preemption: could not stop at an agreed step and back up within --preemption_grace_s="
@@ -116,7 +135,9 @@ class Preemption(keras.callbacks.Callback):
         if self._watcher is not None:
             self._watcher.join()
         if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(signal.SIGTERM, self._previous[0])
+            signal.set_wakeup_fd(self._previous[1])
+            os.close(self._wakeup_fd)
 
     # --- the training loop
     def on_train_begin(self, logs=None):
