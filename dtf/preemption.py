@@ -99,7 +99,7 @@ class Preemption(keras.callbacks.Callback):
 
     def _arm_watchdog(self):
         with self._lock:
-            if self._watchdog is not None:
+            if self._watchdog is not None or self._closing.is_set():
                 return
             self._watchdog = threading.Timer(self.grace_s, self._expire)
             self._watchdog.daemon = True
@@ -128,10 +128,14 @@ class Preemption(keras.callbacks.Callback):
             return
 
     def close(self):
-        """Training is over: stop the watcher thread and give SIGTERM back to the handler before ours (in a dtf
-        command, the default: a SIGTERM while it evaluates or exports ends it, and the rerun resumes from the last
-        epoch's backup). A watchdog already armed keeps running: it bounds the exit."""
-        self._closing.set()
+        """Training is over (or stopped): stop the watchdog and the watcher thread, and give SIGTERM back to the
+        handler before ours (in a dtf command, the default: a SIGTERM while it evaluates or exports ends it, and the
+        rerun resumes from the last epoch's backup). dtf.run exits at once after a stop; a Python caller gets
+        `Preempted` and its process lives on."""
+        self._closing.set()  # from now on no watchdog is armed
+        with self._lock:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
         if self._watcher is not None:
             self._watcher.join()
         if self._previous is not None:
