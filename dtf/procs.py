@@ -180,7 +180,7 @@ def run_group(
                 else:
                     timed_out = True
                 killed = {i for i in range(len(procs)) if i not in exited}
-                preempted = failed and procs[failed[0]].returncode == exitcodes.PREEMPTED
+                preempted = bool(failed) and procs[failed[0]].returncode in (exitcodes.PREEMPTED, -signal.SIGTERM)
                 started = time.monotonic()
                 stop_all(procs, preemption_grace_s if preempted else GRACE_S)
                 stop_s = time.monotonic() - started
