@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 from dtf.choices import (COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, LR_SCALING_RULES, OPTIMIZERS,
                          SCHEDULES, SHARDINGS, STRATEGIES)
 from dtf.errors import UserError
+from dtf.exitcodes import PREEMPTION_GRACE_S
 
 
 def _f(default, group, help, choices=None, lower=None, positive=False, flag=True):
@@ -107,6 +108,9 @@ class Config:
     model_dir: str = _f("runs/default", "outputs", "Where the chief writes flags, summary, model, checkpoints and "
                         "TensorBoard logs.")
     checkpoint_every: int = _f(0, "outputs", "Keep a model checkpoint every N epochs (0: none).", lower=0)
+    preemption_grace_s: float = _f(PREEMPTION_GRACE_S, "outputs", "Seconds from SIGTERM to exit: every worker stops "
+                                   "at one agreed step, the chief backs up there, all exit 143 (preempted); past "
+                                   "this, exit 143 without a new backup.", positive=True)
     backup_every_steps: int = _f(0, "outputs", "Also back up every N steps for mid-epoch resume (0: epoch ends "
                                  "only).", lower=0)
     export: bool = _f(True, "outputs", "Save the final model to model_dir/model.keras.")

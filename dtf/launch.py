@@ -12,6 +12,12 @@ Restarts follow dtf's exit-status table (below): a crash (1, or any unlisted sta
 --max_restarts allows; a preempted worker (143, e.g. one ended by SIGTERM) restarts it without using up a restart; a
 user error (2) or a diverged run (3) is never restarted, since a rerun would fail the same way.
 
+Preemption: a SIGTERM (or SIGINT) to the launcher is passed on to every worker as SIGTERM; dtf workers then stop at
+one agreed step, the chief backs up there, and they exit 143 (dtf.preemption). The launcher waits up to
+--preemption_grace_s for them (then SIGKILL) and exits 143 (130 for SIGINT); the rerun resumes at that step. A worker
+that exits 143 by itself (it got the SIGTERM) gives the others the same time before they are killed, and the group is
+restarted, uncounted.
+
 Exit status: the chief's (0 when every worker succeeded); otherwise the failed worker's (128+N for signal N); 124
 when --timeout ran out; 130/143 when the launcher itself got SIGINT/SIGTERM; 2 for bad input to the launcher.
 
@@ -54,6 +60,10 @@ flags.DEFINE_integer("max_restarts", 0, "Restart the whole group up to this many
                      flag_values=FLAGS)
 flags.DEFINE_float("timeout", None, "Seconds the whole job (all restarts included) may take; then stop everyone.",
                    flag_values=FLAGS)
+flags.DEFINE_float("preemption_grace_s", exitcodes.LAUNCHER_GRACE_S, "Seconds the workers get to back up and exit "
+                   "after the launcher passes on a SIGTERM/SIGINT, or after one worker exits preempted (143); then "
+                   "they are killed. Keep it above the workers' own --preemption_grace_s "
+                   f"(default {exitcodes.PREEMPTION_GRACE_S:g}).", flag_values=FLAGS)
 flags.DEFINE_bool("isolate_network", True, "Run the workers in a private network namespace with only loopback "
                   "(Linux): their TensorFlow servers listen on every interface, and this keeps them unreachable from "
                   "other hosts. --noisolate_network for workers that need the network (e.g. a gs:// model_dir), on a "
@@ -118,6 +128,8 @@ def parse_args(argv: Sequence[str]) -> List[str]:
         raise UserError(f"--num_workers must be >= 1, got {FLAGS.num_workers}; e.g. --num_workers=2")
     if FLAGS.max_restarts < 0:
         raise UserError(f"--max_restarts must be >= 0, got {FLAGS.max_restarts}; use 0 for no restarts")
+    if FLAGS.preemption_grace_s <= 0:
+        raise UserError(f"--preemption_grace_s must be > 0 seconds, got {FLAGS.preemption_grace_s:g}")
     if FLAGS.timeout is not None and FLAGS.timeout <= 0:
         raise UserError(f"--timeout must be > 0 seconds, got {FLAGS.timeout:g}; leave it out for no limit")
     if FLAGS.emit is not None and FLAGS.emit not in manifests.KINDS:
@@ -216,7 +228,8 @@ def _report_failure(result: procs.GroupResult, hosts: Sequence[str]) -> Tuple[in
 
 
 def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
-           timeout_s: Optional[float] = None, evaluator: Optional[Sequence[str]] = None) -> int:
+           timeout_s: Optional[float] = None, evaluator: Optional[Sequence[str]] = None,
+           preemption_grace_s: float = exitcodes.LAUNCHER_GRACE_S) -> int:
     """Run `command` as `num_workers` local workers until they all succeed, restarting after failures; see module doc."""
     printer = _Printer(sys.stdout, lambda i: "evaluator" if i == num_workers else procs.role(i))
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -235,7 +248,8 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
         configs = tf_configs(hosts[:num_workers], hosts[num_workers] if evaluator else None)
         result = procs.run_group(command, configs, env=dict(os.environ, DTF_LAUNCH_RESTART=str(start)),
                                  process_commands=[None] * num_workers + [evaluator] if evaluator else None,
-                                 timeout_s=remaining, on_line=printer, on_start=on_start)
+                                 timeout_s=remaining, on_line=printer, on_start=on_start,
+                                 preemption_grace_s=preemption_grace_s)
         start += 1
         if result.ok:
             log.info("launch: all %d worker(s) finished in %.1fs (%d restart(s))", num_workers,
@@ -320,9 +334,10 @@ def _main(argv: Sequence[str]) -> int:
     procs.raise_stopped_on_signals()
     try:
         return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout,
-                      evaluator=evaluator_command())
+                      evaluator=evaluator_command(), preemption_grace_s=FLAGS.preemption_grace_s)
     except procs.Stopped as stop:
-        log.info("launch: got %s; stopped all workers", signal.Signals(stop.signum).name)
+        log.info("launch: got %s; stopped all workers (they had %gs to back up)", signal.Signals(stop.signum).name,
+                 FLAGS.preemption_grace_s)
         return 128 + stop.signum
 
 

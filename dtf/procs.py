@@ -15,11 +15,12 @@ from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence
 
 from dtf import cluster as cluster_lib
+from dtf import exitcodes
 
 TAIL_LINES = 40
-# Seconds between SIGTERM and SIGKILL. Measured on TF 2.21: once MultiWorkerMirroredStrategy is up, TF's preemption
-# notifier takes over SIGTERM and the process keeps running (even in plain Python code), and a worker whose peer died
-# hangs in the collective rather than exiting. So SIGTERM only helps non-TF jobs; waiting longer just delays the stop.
+# Seconds between SIGTERM and SIGKILL after a worker crashed: a worker whose peer died hangs in the collective rather
+# than exiting, so waiting longer only delays the stop. A preemption (a worker exited 143, or the caller was signalled)
+# waits `preemption_grace_s` instead: dtf workers then stop at an agreed step and back up (dtf.preemption).
 GRACE_S = 3.0
 
 
@@ -112,6 +113,7 @@ def run_group(
     timeout_s: Optional[float] = None,
     on_line: Optional[Callable[[int, str], None]] = None,
     on_start: Optional[Callable[[List[subprocess.Popen]], None]] = None,
+    preemption_grace_s: float = GRACE_S,
 ) -> GroupResult:
     """Start one process per TF_CONFIG running `command`, wait for all; stop the rest as soon as one fails.
 
@@ -120,6 +122,8 @@ def run_group(
     A `tf_configs` entry of None starts that process without TF_CONFIG (an inherited one is removed);
     `process_envs[i]`, if given, is added to process i's environment (after TF_CONFIG);
     `process_commands[i]`, if given, runs instead of `command` (e.g. an evaluator beside the workers).
+    When a worker exits preempted (143), or `Stopped` unwinds through here, the others get `preemption_grace_s`
+    between SIGTERM and SIGKILL to finish backing up.
     """
     if process_envs is not None and len(process_envs) != len(tf_configs):
         raise ValueError(f"process_envs has {len(process_envs)} entries for {len(tf_configs)} processes")
@@ -176,11 +180,15 @@ def run_group(
                 else:
                     timed_out = True
                 killed = {i for i in range(len(procs)) if i not in exited}
+                preempted = bool(failed) and procs[failed[0]].returncode in (exitcodes.PREEMPTED, -signal.SIGTERM)
                 started = time.monotonic()
-                stop_all(procs)
+                stop_all(procs, preemption_grace_s if preempted else GRACE_S)
                 stop_s = time.monotonic() - started
                 break
-    except BaseException:  # Ctrl-C, a signal turned exception, or a test failure: nobody outlives the caller.
+    except Stopped:  # the caller was signalled: pass SIGTERM on and give the workers time to back up
+        stop_all(procs, preemption_grace_s)
+        raise
+    except BaseException:  # Ctrl-C, or a test failure: nobody outlives the caller.
         stop_all(procs)
         raise
     finally:

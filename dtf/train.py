@@ -16,7 +16,7 @@ from dtf import atomic
 from dtf import callbacks as callbacks_lib
 from dtf import cluster as cluster_lib
 from dtf import data as data_lib
-from dtf import losses, noise_scale, scaling
+from dtf import losses, noise_scale, preemption, scaling
 from dtf import strategy as strategy_lib
 from dtf import task as task_lib
 from dtf import versions
@@ -241,19 +241,24 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
     if cluster.is_chief:
         check_model_dir(config.model_dir)
     strategy = strategy or create_strategy(config)
-    exp = Experiment(config, strategy, cluster, task)
-    resolved = exp.resolved_config()
-    log.info(exp.describe())
-    log_dir = os.path.join(config.model_dir, "tensorboard")
-    model = exp.build_model()
-    initial_epoch, initial_step = read_backup(config.model_dir)
-    if initial_epoch or initial_step:
-        log.info(f"resuming from the backup in {config.model_dir}/{BACKUP_DIR}: epoch {initial_epoch + 1}, "
-                 f"step {initial_step}")
-    if cluster.is_chief:
-        write_run_metadata(log_dir, resolved)
-    history = exp.fit(model, exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR)),
-                      initial_epoch, initial_step)
+    stop = preemption.Preemption(cluster, config.preemption_grace_s)  # after the strategy: TF takes SIGTERM there
+    try:  # until training is over, SIGTERM stops every worker at one agreed step (dtf.preemption)
+        exp = Experiment(config, strategy, cluster, task)
+        resolved = exp.resolved_config()
+        log.info(exp.describe())
+        log_dir = os.path.join(config.model_dir, "tensorboard")
+        model = exp.build_model()
+        initial_epoch, initial_step = read_backup(config.model_dir)
+        if initial_epoch or initial_step:
+            log.info(f"resuming from the backup in {config.model_dir}/{BACKUP_DIR}: epoch {initial_epoch + 1}, "
+                     f"step {initial_step}")
+        if cluster.is_chief:
+            write_run_metadata(log_dir, resolved)
+        callbacks = exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR))
+        stop.attach(exp.steps_per_epoch, callbacks)
+        history = exp.fit(model, [*callbacks, stop], initial_epoch, initial_step)
+    finally:
+        stop.close()
     final = exp.evaluate(model)
     # Training steps only (validation excluded): each epoch's step time, as TrainingScalars measured it.
     epoch_steps = [exp.steps_per_epoch] * len(history.get("step_time_ms", []))

@@ -246,7 +246,8 @@ time.sleep(600)
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_to_the_launcher_stops_everyone(start_launcher, tmp_path, sig, status):
     job = _script(tmp_path, "sleep.py", SLEEPERS)
-    launcher = start_launcher("--num_workers=2", "--", sys.executable, job)
+    # These workers ignore SIGTERM: the launcher kills them once its --preemption_grace_s is over.
+    launcher = start_launcher("--num_workers=2", "--preemption_grace_s=3", "--", sys.executable, job)
     launcher.wait_for(r"^\[worker 1\] UP", 60)
     launcher.wait_for(r"^\[chief\] UP", 10)
     launcher.snapshot()
