@@ -140,10 +140,12 @@ def test_tfjob_options_need_emit_tfjob(capsys, flag):
     assert "only applies to --emit=tfjob" in capsys.readouterr().err
 
 
-def test_evaluator_is_refused_for_emit_slurm(capsys):
-    assert launch.main(["dtf.launch", "--num_workers=2", "--emit=slurm", "--evaluator=python e.py", "--", "python",
-                        "train.py"]) == 2
-    assert "--evaluator is not part of --emit=slurm yet" in capsys.readouterr().err
+def test_emit_slurm_runs_the_evaluator_as_its_own_step(capsys):
+    assert launch.main(["dtf.launch", "--num_workers=2", "--emit=slurm", "--evaluator=python e.py 'a b'", "--",
+                        "python", "train.py"]) == 0
+    script = capsys.readouterr().out
+    assert "srun --nodes=1 --ntasks=1 --overlap python -m dtf.slurm_task --evaluator -- python e.py 'a b'" in script
+    assert '  wait "$evaluator" && exit 0' in script and "    0) break ;;" in script
 
 
 @pytest.mark.parametrize("name", ["Upper", "under_score", "-dash", "1st-run", "x" * 64, ""])
