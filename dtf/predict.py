@@ -123,10 +123,14 @@ def _body(rest):
             log.info(f"predicted {done}/{split.num_examples} examples ({100 * done // split.num_examples}%), "
                      f"{done / max(seconds, 1e-9):.0f} examples/s")
 
-    result = inference.predict(model, strategy, split, global_batch, preprocess_batch=preprocess_batch,
-                               values=FLAGS.output_values, on_step=progress)
+    # The chief streams each gathered batch to local disk, then converts it to --output; the others only check.
+    with inference.Rows(split.num_examples, f"{split.name} {split.split}",
+                        "disk" if cluster.is_chief else "none") as rows:
+        result = inference.predict(model, strategy, split, global_batch, preprocess_batch=preprocess_batch,
+                                   values=FLAGS.output_values, on_step=progress, rows=rows)
+        if cluster.is_chief:
+            prediction_files.write(FLAGS.output, rows, overwrite=FLAGS.overwrite)
     if cluster.is_chief:
-        prediction_files.write(FLAGS.output, result.outputs, overwrite=FLAGS.overwrite)
         print(f"dtf.predict: {result.num_examples} examples in {result.seconds:.2f}s: "
               f"{result.examples_per_sec:.0f} examples/s on {result.num_replicas} replica(s) "
               f"({type(strategy).__name__}, {cluster.num_workers} worker(s)), global batch {global_batch}; "
