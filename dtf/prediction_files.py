@@ -89,8 +89,8 @@ def write(path: str, outputs, overwrite: bool = False):
 
 def _write_npy(f, rows, name: str):
     shape, dtype = rows.row_info(name)
-    np.lib.format.write_array_header_2_0(f, {"shape": (rows.num_examples, *shape), "fortran_order": False,
-                                             "descr": np.lib.format.dtype_to_descr(dtype)})
+    np.lib.format.write_array_header_1_0(f, {"shape": (rows.num_examples, *shape), "fortran_order": False,
+                                             "descr": np.lib.format.dtype_to_descr(dtype)})  # as np.save writes
     for _, block in rows.chunks(BLOCK_ROWS):
         f.write(np.ascontiguousarray(block[name]).tobytes())
 
@@ -140,13 +140,13 @@ def _write_csv(f, rows):
         names = _columns(name, shape)
         header += names
         formats += ["%d" if np.issubdtype(dtype, np.integer) else "%.9g"] * len(names)  # float32 round-trips
-    f.write(",".join(header) + "\n")
+    text = io.TextIOWrapper(io.BufferedWriter(_Counting(f), 1 << 20), encoding="utf-8", newline="\n")
+    text.write(",".join(header) + "\n")
     for start, block in rows.chunks(BLOCK_ROWS):
         count = len(next(iter(block.values())))
         columns = [_ids(rows, start, count)[:, None]] + [block[name].reshape(count, -1) for name in rows.names]
-        text = io.StringIO()
         np.savetxt(text, np.hstack([c.astype(np.float64) for c in columns]), fmt=formats, delimiter=",")
-        f.write(text.getvalue())
+    text.flush()  # not closed: that would close `f` before its rename
 
 
 def _write_tfrecord(path: str, rows):
