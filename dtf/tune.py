@@ -189,7 +189,7 @@ def _make_hypermodel_class():
     import keras_tuner as kt
 
     from dtf import flags as dtf_flags
-    from dtf import train
+    from dtf import progress, train
     from dtf.summaries import EPOCH_SCALARS, write_run_metadata
 
     class DtfHyperModel(kt.HyperModel):
@@ -202,6 +202,7 @@ def _make_hypermodel_class():
             self.trial_id = None  # set by the tuner before each trial (see _tuner_class)
             self.trials_run = []  # trial ids this process trained
             self.exp = None
+            self.stdout = sys.stdout  # trial progress goes here, past search()'s redirect of keras-tuner's display
 
         def overrides(self, hp) -> dict:
             out = {}
@@ -245,7 +246,9 @@ def _make_hypermodel_class():
                 write_run_metadata(log_dir, exp.resolved_config())
             start = time.time()
             try:
-                history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None), verbose=0)
+                shown = progress.TrainingProgress(exp.config.progress, exp.plan.global_batch_size, self.stdout,
+                                                  f"trial {trial_id}: ")
+                history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None), progress=shown)
             except train.TrainingDiverged as e:
                 h = getattr(model, "history", None)
                 info.update(status="diverged", wall_time_s=time.time() - start, message=str(e),
