@@ -233,6 +233,37 @@ def test_cli_with_a_user_task_on_four_replicas_writes_csv_in_input_order(saved, 
     assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == ["preds.csv"]
 
 
+TERMINAL_SCRIPT = r'''
+import sys
+class Terminal:  # stdout as on a terminal
+    def __init__(self, stream):
+        self.stream = stream
+    def isatty(self):
+        return True
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+sys.stdout = Terminal(sys.stdout)
+from dtf import predict
+sys.exit(predict.main(["dtf.predict", *sys.argv[1:]]))
+'''
+
+
+def test_cli_on_a_terminal_shows_a_bar_that_ends_in_the_summary(saved, tmp_path):
+    path, reference, _ = saved
+    out = tmp_path / "preds.npy"
+    proc = subprocess.run([sys.executable, "-c", TERMINAL_SCRIPT, f"--task={TASK}", f"--model={path}",
+                           "--global_batch_size=100", f"--output={out}"], capture_output=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=240)  # bytes: text mode reads \r as \n
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, stderr[-3000:]
+    draws = [d.rstrip() for d in stdout.split("\r") if d]
+    assert re.fullmatch(r"predict \[[=>.]{30}\] \d+/1001 - [\d,]+ examples/s", draws[0]), draws
+    assert draws[-2].startswith("predict [==============================] 1001/1001 - "), draws  # always drawn at the end
+    assert draws[-1].startswith("dtf.predict: 1001 examples in ") and stdout.endswith("\n")
+    assert "predicted 1001/1001" not in stderr  # the bar replaces the log lines
+    assert np.max(np.abs(np.load(out) - reference)) < TOL
+
+
 ERRORS_SCRIPT = r'''
 import contextlib, io, json, os, sys
 from absl import flags
