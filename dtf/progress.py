@@ -2,8 +2,8 @@
 
 --progress: `bar` redraws one line per epoch as steps finish (a terminal); `epoch` prints one line when an epoch ends
 (logs, CI, Slurm: a redrawn bar would pile up there as one line per refresh); `auto` picks bar on a terminal, else
-epoch; `none` prints nothing. dtf.run and dtf.tune (one labelled line or bar per trial epoch) use `TrainingProgress`,
-dtf.predict a `Bar` over its examples.
+epoch; `none` prints nothing. dtf.run and dtf.tune (one labelled line or bar per trial epoch) use `TrainingProgress`;
+dtf.predict draws a `Bar` over its examples (without a bar it logs a line every few seconds, as before).
 """
 import sys
 import time

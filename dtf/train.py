@@ -191,11 +191,12 @@ class Experiment:
         return out
 
     def fit(self, model: keras.Model, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0,
-            initial_step: int = 0, progress: Optional[keras.callbacks.Callback] = None) -> dict:
+            initial_step: int = 0, verbose=None, progress: Optional[keras.callbacks.Callback] = None) -> dict:
         """Train from (initial_epoch, initial_step) to the end; returns the merged history. A resume from a
         mid-epoch backup first finishes that epoch, so the run sees exactly the batches an uninterrupted one would.
-        progress: the display (default: --progress on the chief's stdout, nothing on the other workers)."""
-        if progress is None and self.cluster.is_chief:
+        progress: the display (default: --progress on the chief's stdout, nothing on the other workers or with
+        verbose=0)."""
+        if progress is None and verbose != 0 and self.cluster.is_chief:
             progress = progress_lib.TrainingProgress(self.config.progress, self.plan.global_batch_size)
         callbacks = [*callbacks, progress] if progress is not None else list(callbacks)
         eval_data = self.eval_data()
