@@ -5,6 +5,7 @@
 epoch; `none` prints nothing. dtf.run and dtf.tune (one labelled line or bar per trial epoch) use `TrainingProgress`;
 dtf.predict draws a `Bar` over its examples (without a bar it logs a line every few seconds, as before).
 """
+import shutil
 import sys
 import time
 from typing import Optional, TextIO
@@ -46,8 +47,8 @@ class Bar:
         self._drawn_at = now
         filled = min(self.WIDTH, self.WIDTH * done // max(self.total, 1))
         bar = "=" * filled + (">" + "." * (self.WIDTH - filled - 1) if filled < self.WIDTH else "")
-        self._draw(f"{self.label}[{bar}] {done}/{self.total} - {rate(examples, seconds)}"
-                   + (f" - {extra}" if extra else ""))
+        line = f"{self.label}[{bar}] {done}/{self.total} - {rate(examples, seconds)}" + (f" - {extra}" if extra else "")
+        self._draw(line[:shutil.get_terminal_size((1000, 24)).columns - 1])  # a wrapped line cannot be redrawn
 
     def finish(self, line: str):
         self._draw(line)

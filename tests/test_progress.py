@@ -28,6 +28,7 @@ def fit(stream, mode="auto", epochs=2, steps=5, batch=8, label=""):
 
 def test_a_terminal_gets_a_bar_with_steps_and_examples_per_sec(monkeypatch):
     monkeypatch.setattr(progress, "REFRESH_S", 0.0)  # draw every step
+    monkeypatch.setenv("COLUMNS", "300")
     out = fit(FakeTerminal())
     lines = out.split("\n")
     assert len(lines) == 3 and lines[-1] == ""  # one finished line per epoch
@@ -68,6 +69,7 @@ def test_bar_redraws_at_most_every_refresh_and_always_at_the_end(monkeypatch):
     clock = iter([0.0, 0.05, 0.2, 0.21])
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     stream = FakeTerminal()
+    monkeypatch.setenv("COLUMNS", "300")
     bar = progress.Bar(100, stream, "predict ")
     for done in (10, 20, 30, 100):  # at 0.0 (drawn), 0.05 (skipped), 0.2 (drawn), 0.21 (the end: drawn)
         bar.update(done, done, 1.0)
@@ -76,3 +78,10 @@ def test_bar_redraws_at_most_every_refresh_and_always_at_the_end(monkeypatch):
     assert [re.search(r"\] (\d+)/100", d).group(1) for d in draws[:-1]] == ["10", "30", "100"]
     assert draws[1] == "predict [=========>....................] 30/100 - 30 examples/s"
     assert draws[-1] == "dtf.predict: 100 examples in 1.00s" and stream.getvalue().endswith("\n")
+
+
+def test_the_bar_fits_the_terminal_width(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    stream = FakeTerminal()
+    progress.Bar(10, stream, "epoch 1/2 ").update(10, 10, 1.0, "loss: 0.1234 - mae: 0.5678")
+    assert stream.getvalue() == "\repoch 1/2 [" + "=" * 28  # 39 columns: the line never wraps
