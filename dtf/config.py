@@ -20,6 +20,7 @@ def _f(default, group, help, choices=None, lower=None, positive=False, flag=True
 
 
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
+PROGRESS_MODES = ("auto", "bar", "epoch", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,9 @@ class Config:
     export: bool = _f(True, "outputs", "Save the final model to model_dir/model.keras.")
     log_every_steps: int = _f(10, "outputs", "TensorBoard step-level scalars every N steps.", positive=True)
     profile_steps: Tuple[int, ...] = _f((), "outputs", "Profile this step range, e.g. 10,15.")
+    progress: str = _f("auto", "outputs", "The chief's progress on stdout, with examples/s: bar (redrawn as steps "
+                       "finish), epoch (one line per epoch: logs, CI, Slurm), none, or auto (bar on a terminal, "
+                       "else epoch).", PROGRESS_MODES)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

@@ -75,8 +75,9 @@ flags.DEFINE_string("emit", None, f"Print a cluster manifest instead of running:
 flags.DEFINE_string("image", None, f"Container image for --emit=tfjob (default {manifests.DEFAULT_IMAGE}).",
                     flag_values=FLAGS)
 flags.DEFINE_string("evaluator", None, "Also run this command (one shell-quoted string, e.g. the same dtf.run command) "
-                    "as the TF_CONFIG evaluator task: beside the local workers, or as the Evaluator pod with "
-                    "--emit=tfjob. It scores the chief's checkpoints and never joins training.", flag_values=FLAGS)
+                    "as the TF_CONFIG evaluator task: beside the local workers, as the Evaluator pod with "
+                    "--emit=tfjob, or as a one-task step beside the workers' with --emit=slurm. It scores the "
+                    "chief's checkpoints and never joins training.", flag_values=FLAGS)
 flags.DEFINE_string("job_name", None, f"Job name for --emit (default {manifests.DEFAULT_JOB_NAME}).",
                     flag_values=FLAGS)
 flags.DEFINE_enum("backend", "local", ["local", "ray"], "Where the workers run: local processes on 127.0.0.1, or Ray "
@@ -150,8 +151,6 @@ def parse_args(argv: Sequence[str]) -> List[str]:
             raise UserError(f"--{name} only applies to --emit=slurm; remove it or add --emit=slurm")
     if FLAGS.job_name is not None and not FLAGS.emit:
         raise UserError("--job_name only applies with --emit=tfjob|slurm; remove it or add --emit")
-    if FLAGS.evaluator is not None and FLAGS.emit == "slurm":
-        raise UserError("--evaluator is not part of --emit=slurm yet; submit the evaluator as its own job, or remove it")
     if FLAGS.evaluator is not None and not evaluator_command():
         raise UserError("--evaluator is empty; give the evaluator's command, e.g. --evaluator='python -m dtf.run "
                         "--flagfile=exp.flags'")
@@ -295,7 +294,8 @@ def emit(command: Sequence[str]) -> str:
                                job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout,
                                evaluator=evaluator_command(), resources=resources, volume=volume)
     return slurm.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
-                        timeout_s=FLAGS.timeout, **{name: FLAGS[name].value for name in SLURM_FLAGS})
+                        timeout_s=FLAGS.timeout, evaluator=evaluator_command(),
+                        **{name: FLAGS[name].value for name in SLURM_FLAGS})
 
 
 def _ray(command: Sequence[str]) -> int:

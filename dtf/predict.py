@@ -17,7 +17,7 @@ from dtf.errors import UserError
 # Config fields predict shares with dtf.run: where it runs and what it reads (not how training goes).
 SHARED = ("strategy", "num_cpu_devices", "num_gpus", "communication", "cross_device_ops", "num_packs",
           "cluster_timeout", "worker_hosts", "task_index", "cluster_resolver", "task", "dataset", "data_dir",
-          "global_batch_size")
+          "global_batch_size", "progress")
 PROGRESS_EVERY_S = 5.0
 
 
@@ -96,6 +96,7 @@ def _body(rest):
     from absl import flags
 
     from dtf import inference, prediction_files, train
+    from dtf import progress as progress_lib
     from dtf.config import Config
     from dtf.logs import get_logger
 
@@ -115,22 +116,34 @@ def _body(rest):
     if cluster.is_chief:
         prediction_files.check_target(FLAGS.output, FLAGS.overwrite, len(inference.output_names(sample)))
     global_batch = config.global_batch_size or train.DEFAULT_GLOBAL_BATCH
+    mode = progress_lib.resolve(config.progress, sys.stdout) if cluster.is_chief else "none"
+    bar = progress_lib.Bar(split.num_examples, sys.stdout, "predict ") if mode == "bar" else None
     shown = [0.0]
 
     def progress(done, seconds):
-        if cluster.is_chief and (seconds - shown[0] >= PROGRESS_EVERY_S or done == split.num_examples):
+        if bar is not None:
+            bar.update(done, done, seconds)
+        elif mode == "epoch" and (seconds - shown[0] >= PROGRESS_EVERY_S or done == split.num_examples):
             shown[0] = seconds
             log.info(f"predicted {done}/{split.num_examples} examples ({100 * done // split.num_examples}%), "
-                     f"{done / max(seconds, 1e-9):.0f} examples/s")
+                     f"{progress_lib.rate(done, seconds)}")
 
-    result = inference.predict(model, strategy, split, global_batch, preprocess_batch=preprocess_batch,
-                               values=FLAGS.output_values, on_step=progress)
+    # The chief streams each gathered batch to local disk, then converts it to --output; the others only check.
+    with inference.Rows(split.num_examples, f"{split.name} {split.split}",
+                        "disk" if cluster.is_chief else "none") as rows:
+        result = inference.predict(model, strategy, split, global_batch, preprocess_batch=preprocess_batch,
+                                   values=FLAGS.output_values, on_step=progress, rows=rows)
+        if cluster.is_chief:
+            prediction_files.write(FLAGS.output, rows, overwrite=FLAGS.overwrite)
     if cluster.is_chief:
-        prediction_files.write(FLAGS.output, result.outputs, overwrite=FLAGS.overwrite)
-        print(f"dtf.predict: {result.num_examples} examples in {result.seconds:.2f}s: "
-              f"{result.examples_per_sec:.0f} examples/s on {result.num_replicas} replica(s) "
-              f"({type(strategy).__name__}, {cluster.num_workers} worker(s)), global batch {global_batch}; "
-              f"wrote {FLAGS.output_values} to {FLAGS.output}")
+        summary = (f"dtf.predict: {result.num_examples} examples in {result.seconds:.2f}s: "
+                   f"{result.examples_per_sec:.0f} examples/s on {result.num_replicas} replica(s) "
+                   f"({type(strategy).__name__}, {cluster.num_workers} worker(s)), global batch {global_batch}; "
+                   f"wrote {FLAGS.output_values} to {FLAGS.output}")
+        if bar is not None:
+            bar.finish(summary)  # replaces the bar
+        else:
+            print(summary)
     return 0
 
 

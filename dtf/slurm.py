@@ -13,6 +13,13 @@ failed would turn a user error into a preemption), and the step reruns by dtf's 
 (dtf.exitcodes): never after 2 (user error) or 3 (diverged); after a crash up to --max_restarts times; after 143
 (preempted, or SIGTERM before the time limit, which the script asks for) the job is requeued, uncounted. Resuming
 needs `model_dir` on a filesystem every node shares.
+
+With an evaluator command (`dtf.launch --evaluator`), the script also starts it once as a one-task step of its own
+beside the workers' (`srun --overlap`: it shares the first node's CPUs and GPUs instead of holding a node of its own,
+as TFJob's Evaluator pod asks for no GPU), with TF_CONFIG task type `evaluator`, so it never joins the collective and
+reruns of the workers' step leave it running. Its lines are prefixed `evaluator: `. The job is done when the workers
+are done and the evaluator has scored the last checkpoint; an evaluator that failed is rerun then (it resumes from
+eval_results.json), counted against --max_restarts; a requeue or the workers' final failure ends it with the job.
 """
 import math
 import re
@@ -29,6 +36,7 @@ MIN_LIMIT_FOR_SIGNAL_S = 10 * 60
 _TIME = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
 _GRES = re.compile(r"^[a-z][\w.-]*(?::[\w.-]+)?(?::\d+)?$", re.I)
 _NAME = re.compile(r"^[\w.@%+-]+$")
+WORKER_TASKS_ENV = "DTF_SLURM_WORKER_TASKS_PER_NODE"  # the evaluator's copy of the job's SLURM_TASKS_PER_NODE
 
 
 def parse_time(text: str) -> int:
@@ -85,8 +93,9 @@ def _check_name(flag: str, value: Optional[str], example: str):
 def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Optional[int] = None,
            tasks_per_node: Optional[int] = None, gres: Optional[str] = None, time: Optional[str] = None,
            timeout_s: Optional[float] = None, partition: Optional[str] = None, output: Optional[str] = None,
-           max_restarts: Optional[int] = None) -> str:
-    """The sbatch script running `command` as `num_workers` tasks in one srun step; see the module doc.
+           max_restarts: Optional[int] = None, evaluator: Optional[Sequence[str]] = None) -> str:
+    """The sbatch script running `command` as `num_workers` tasks in one srun step (and `evaluator`, if given, as a
+    step beside it); see the module doc.
 
     `time` is Slurm's time limit; `timeout_s` (the launcher's --timeout) is the same limit in seconds."""
     nodes, tasks_per_node = layout(num_workers, nodes, tasks_per_node)
@@ -121,6 +130,19 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
         srun.append(f"--gpu-bind=per_task:{gpus // tasks_per_node}")
     srun += ["python", "-m", "dtf.slurm_task", "--", *command]
     never = "|".join(str(s) for s in exitcodes.NEVER_RESTART)
+    evaluator_lines, done = [], ["exit 0"]
+    if evaluator:
+        evaluator_srun = ["srun", "--nodes=1", "--ntasks=1", "--overlap", "python", "-m", "dtf.slurm_task",
+                          "--evaluator", "--", *evaluator]
+        evaluator_lines = [
+            "run_evaluator() {  # a step of its own: it outlives reruns of the workers' step",
+            f"  {WORKER_TASKS_ENV}=$SLURM_TASKS_PER_NODE {shlex.join(evaluator_srun)} 2>&1 "
+            "| sed -u 's/^/evaluator: /'",
+            "  return ${PIPESTATUS[0]}",
+            "}",
+            "run_evaluator &",
+            "evaluator=$!"]
+        done = ["break"]
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
              "# Written by `python -m dtf.launch --emit=slurm`; submit unchanged with sbatch. Task 0 is the chief;",
              "# output lines are prefixed with the task number. Reruns follow dtf.exitcodes (see dtf/slurm.py).",
@@ -130,6 +152,7 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
              f"max_restarts={max_restarts or 0}",
              "restarts=0",
              "start=${SLURM_RESTART_COUNT:-0}  # a requeued job starts on other ports too",
+             *evaluator_lines,
              "while true; do",
              "  export DTF_LAUNCH_RESTART=$start",
              f"  {shlex.join(srun)} 2>&1 | tee \"$steplog\"",
@@ -138,7 +161,7 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
              "  status=${first:-$status}",
              "  start=$((start + 1))",
              "  case $status in",
-             f"    {exitcodes.OK}) exit 0 ;;",
+             f"    {exitcodes.OK}) {done[0]} ;;",
              f'    {never}) echo "dtf: step exited with status $status (user error or diverged); not rerunning" >&2',
              "       exit $status ;;",
              f'    {exitcodes.PREEMPTED}) echo "dtf: step preempted (status $status); requeueing job $SLURM_JOB_ID" >&2',
@@ -153,4 +176,23 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
              "  restarts=$((restarts + 1))",
              '  echo "dtf: step failed with status $status; rerunning (restart $restarts of $max_restarts)" >&2',
              "done"]
+    if evaluator:
+        lines += ["# The workers are done: the job is done once the evaluator has scored the last checkpoint.",
+                  "while true; do",
+                  '  wait "$evaluator" && exit 0',
+                  "  status=$?",
+                  "  case $status in",
+                  f'    {never}) echo "dtf: evaluator exited with status $status (user error); not rerunning" >&2',
+                  "       exit $status ;;",
+                  "  esac",
+                  '  if [ "$restarts" -ge "$max_restarts" ]; then',
+                  '    echo "dtf: evaluator failed with status $status; giving up after $restarts restart(s)" >&2',
+                  "    exit $status",
+                  "  fi",
+                  "  restarts=$((restarts + 1))",
+                  '  echo "dtf: evaluator failed with status $status; rerunning it (restart $restarts of '
+                  '$max_restarts)" >&2',
+                  "  run_evaluator &",
+                  "  evaluator=$!",
+                  "done"]
     return "\n".join(lines) + "\n"

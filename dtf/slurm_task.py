@@ -1,9 +1,11 @@
-"""`python -m dtf.slurm_task -- <command...>`: one task of a dtf Slurm step (the sbatch script runs it under srun).
+"""`python -m dtf.slurm_task [--evaluator] -- <command...>`: one task of a dtf Slurm step (the sbatch script runs it
+under srun).
 
 Sets TF_CONFIG from the step's environment (tasks in rank order, task 0 the chief, ports chosen per job: see
 `dtf.cluster.slurm_port`), checks that this task's port is free so a taken port is reported in one line that names
 it (TensorFlow only says "Could not start gRPC server"), then runs the command and reports its exit status in one
-line, which the sbatch script reads to find the task that failed first.
+line, which the sbatch script reads to find the task that failed first. With --evaluator the task is the side-car
+evaluator (its own one-task step): TF_CONFIG task type `evaluator`, which binds no port and joins no collective.
 
 Exit status: the command's; 1 when the port is taken (a crash: the script reruns the step on other ports, counted as a
 restart); 2 outside a Slurm step or with bad input.
@@ -19,7 +21,7 @@ from typing import Mapping, Sequence
 
 from dtf import cli
 from dtf import cluster as cluster_lib
-from dtf import exitcodes
+from dtf import exitcodes, slurm
 from dtf.errors import DtfError, UserError
 
 
@@ -59,9 +61,24 @@ def task_tf_config(environ: Mapping[str, str]) -> str:
     return tf_config
 
 
-def _run(command: Sequence[str], environ: Mapping[str, str]) -> int:
-    tf_config = task_tf_config(environ)
-    if environ["SLURM_PROCID"] == "0":
+def evaluator_tf_config(environ: Mapping[str, str]) -> str:
+    """The evaluator's TF_CONFIG: the job's workers (as the workers' first start names them; TensorFlow and dtf
+    expect them in the spec, the evaluator never contacts them) and its own address, which serves nothing."""
+    if not environ.get(slurm.WORKER_TASKS_ENV):
+        raise UserError(f"{slurm.WORKER_TASKS_ENV} is not set: run the evaluator from the script that "
+                        "`dtf.launch --emit=slurm --evaluator=...` writes")
+    workers_env = dict(environ, SLURM_STEP_NODELIST=environ.get("SLURM_JOB_NODELIST", ""),
+                       SLURM_STEP_TASKS_PER_NODE=environ[slurm.WORKER_TASKS_ENV], SLURM_PROCID="0")
+    workers = json.loads(cluster_lib.slurm_tf_config(workers_env))["cluster"]["worker"]
+    host = environ.get("SLURMD_NODENAME") or socket.gethostname()
+    port = cluster_lib.slurm_port(environ) + cluster_lib.SLURM_PORT_STRIDE - 1  # after the workers' ports
+    return json.dumps({"cluster": {"worker": workers, "evaluator": [f"{host}:{port}"]},
+                       "task": {"type": "evaluator", "index": 0}})
+
+
+def _run(command: Sequence[str], environ: Mapping[str, str], evaluator: bool = False) -> int:
+    tf_config = evaluator_tf_config(environ) if evaluator else task_tf_config(environ)
+    if environ["SLURM_PROCID"] == "0" and not evaluator:
         workers = json.loads(tf_config)["cluster"]["worker"]
         print(f"dtf.slurm_task: {len(workers)} worker(s): {','.join(workers)} (task 0 is the chief)", flush=True)
     # Slurm signals every process of the step; the command handles SIGTERM (or is SIGKILLed after KillWait). We only
@@ -78,12 +95,14 @@ def _run(command: Sequence[str], environ: Mapping[str, str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    command = list(argv[2:]) if argv[1:2] == ["--"] else []
+    evaluator = argv[1:2] == ["--evaluator"]
+    args = list(argv[1 + evaluator:])
+    command = args[1:] if args[:1] == ["--"] else []
 
     def run() -> int:
         if not command:
-            raise UserError("usage: python -m dtf.slurm_task -- <command...> (inside a Slurm job step)")
-        return _run(command, os.environ)
+            raise UserError("usage: python -m dtf.slurm_task [--evaluator] -- <command...> (inside a Slurm job step)")
+        return _run(command, os.environ, evaluator)
 
     status = cli.guard("dtf.slurm_task", run)
     if "SLURM_PROCID" in os.environ:

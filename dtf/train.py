@@ -17,6 +17,7 @@ from dtf import callbacks as callbacks_lib
 from dtf import cluster as cluster_lib
 from dtf import data as data_lib
 from dtf import losses, noise_scale, preemption, scaling
+from dtf import progress as progress_lib
 from dtf import strategy as strategy_lib
 from dtf import task as task_lib
 from dtf import versions
@@ -190,11 +191,14 @@ class Experiment:
         return out
 
     def fit(self, model: keras.Model, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0,
-            initial_step: int = 0, verbose=None) -> dict:
+            initial_step: int = 0, verbose=None, progress: Optional[keras.callbacks.Callback] = None) -> dict:
         """Train from (initial_epoch, initial_step) to the end; returns the merged history. A resume from a
-        mid-epoch backup first finishes that epoch, so the run sees exactly the batches an uninterrupted one would."""
-        if verbose is None:
-            verbose = 2 if self.cluster.is_chief else 0
+        mid-epoch backup first finishes that epoch, so the run sees exactly the batches an uninterrupted one would.
+        progress: the display (default: --progress on the chief's stdout, nothing on the other workers or with
+        verbose=0)."""
+        if progress is None and verbose != 0 and self.cluster.is_chief:
+            progress = progress_lib.TrainingProgress(self.config.progress, self.plan.global_batch_size)
+        callbacks = [*callbacks, progress] if progress is not None else list(callbacks)
         eval_data = self.eval_data()
         history = {}
 
@@ -207,7 +211,7 @@ class Experiment:
             h = model.fit(train.dataset, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
                           shuffle=False,  # no validation_steps: see EVAL_NOTE
                           validation_data=eval_data.dataset if eval_data else None,
-                          validation_freq=self.config.validation_freq, callbacks=list(callbacks), verbose=verbose)
+                          validation_freq=self.config.validation_freq, callbacks=list(callbacks), verbose=0)
             for k, v in h.history.items():
                 history.setdefault(k, []).extend(v)
 

@@ -201,7 +201,7 @@ def _make_hypermodel_class():
     from dtf import atomic
 
     from dtf import flags as dtf_flags
-    from dtf import train
+    from dtf import progress, train
     from dtf.summaries import EPOCH_SCALARS, write_run_metadata
 
     class DtfHyperModel(kt.HyperModel):
@@ -214,6 +214,7 @@ def _make_hypermodel_class():
             self.trial_id = None  # set by the tuner before each trial (see _tuner_class)
             self.trials_run = []  # trial ids this process trained
             self.exp = None
+            self.stdout = sys.stdout  # trial progress goes here, past search()'s redirect of keras-tuner's display
 
         def overrides(self, hp) -> dict:
             out = {}
@@ -286,8 +287,10 @@ def _make_hypermodel_class():
             start = time.time()
             try:
                 budget = [_StopAfter(hp.values["tuner/epochs"])] if "tuner/epochs" in hp.values else []
+                shown = progress.TrainingProgress(exp.config.progress, exp.plan.global_batch_size, self.stdout,
+                                                  f"trial {trial_id}: ")
                 history = exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None) + budget,
-                                  initial_epoch=initial_epoch, verbose=0)
+                                  initial_epoch=initial_epoch, progress=shown)
             except train.TrainingDiverged as e:
                 h = getattr(model, "history", None)
                 info.update(status="diverged", wall_time_s=time.time() - start, message=str(e),

@@ -140,10 +140,12 @@ def test_tfjob_options_need_emit_tfjob(capsys, flag):
     assert "only applies to --emit=tfjob" in capsys.readouterr().err
 
 
-def test_evaluator_is_refused_for_emit_slurm(capsys):
-    assert launch.main(["dtf.launch", "--num_workers=2", "--emit=slurm", "--evaluator=python e.py", "--", "python",
-                        "train.py"]) == 2
-    assert "--evaluator is not part of --emit=slurm yet" in capsys.readouterr().err
+def test_emit_slurm_runs_the_evaluator_as_its_own_step(capsys):
+    assert launch.main(["dtf.launch", "--num_workers=2", "--emit=slurm", "--evaluator=python e.py 'a b'", "--",
+                        "python", "train.py"]) == 0
+    script = capsys.readouterr().out
+    assert "srun --nodes=1 --ntasks=1 --overlap python -m dtf.slurm_task --evaluator -- python e.py 'a b'" in script
+    assert '  wait "$evaluator" && exit 0' in script and "    0) break ;;" in script
 
 
 @pytest.mark.parametrize("name", ["Upper", "under_score", "-dash", "1st-run", "x" * 64, ""])
@@ -430,3 +432,44 @@ def test_ray_fit_runs_a_config_as_the_same_dtf_run_flags():
     dtf_flags.define_flags(values)
     values(["dtf.run", *command[3:]])
     assert dtf_flags.config_from_flags(values) == config
+
+
+# A fake srun for the evaluator's script: every step is one task on node9 of job 77.
+FAKE_SRUN_ONE_TASK = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+SLURM_PROCID=0 SLURMD_NODENAME=node9 SLURM_STEP_NODELIST=node9 SLURM_STEP_TASKS_PER_NODE=1 exec "$@"
+"""
+EVALUATOR = """
+import os, sys
+runs = os.path.join(sys.argv[1], "evaluator_runs")
+with open(runs, "a") as f:
+    f.write("x")
+print("TF_CONFIG", os.environ["TF_CONFIG"], flush=True)
+sys.exit(1 if len(open(runs).read()) == 1 else 0)  # the first run crashes
+"""
+
+
+def test_sbatch_reruns_a_failed_evaluator_after_the_workers_finish(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN_ONE_TASK)
+    (bin_dir / "srun").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (tmp_path / "evaluator.py").write_text(EVALUATOR)
+    script = slurm.sbatch(["python", "-c", "print('worker done')"], 2, job_name="t", nodes=1, max_restarts=1,
+                          evaluator=["python", str(tmp_path / "evaluator.py"), str(tmp_path)])
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=REPO, SLURM_JOB_ID="77",
+               SLURM_JOB_NODELIST="node9", SLURM_TASKS_PER_NODE="2")
+    env.pop("SLURM_RESTART_COUNT", None)
+    proc = subprocess.run(["bash", str(_bash_n(script, tmp_path))], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worker done" in proc.stdout
+    assert "dtf: evaluator failed with status 1; rerunning it (restart 1 of 1)" in proc.stderr
+    configs = [json.loads(line.split(" ", 2)[2]) for line in proc.stdout.splitlines()
+               if line.startswith("evaluator: TF_CONFIG ")]
+    port = cluster.slurm_port({"SLURM_JOB_ID": "77"})
+    assert len(configs) == 2 and configs[0] == {
+        "cluster": {"worker": [f"node9:{port}", f"node9:{port + 1}"], "evaluator": [f"node9:{port + 31}"]},
+        "task": {"type": "evaluator", "index": 0}}
+    assert (tmp_path / "evaluator_runs").read_text() == "xx"

@@ -1,5 +1,6 @@
 """dtf.predict: ordered data-parallel inference equals one-device `model.predict` (same rows, same order, every example
 once) on 4 mirrored replicas and on 2 workers with 1,001 examples; prediction files; one-line errors."""
+import io
 import json
 import os
 import re
@@ -76,6 +77,39 @@ def test_probabilities_of_a_softmax_model_are_its_outputs(mirrored):
     assert np.max(np.abs(out - model.predict(x, verbose=0))) < TOL
 
 
+def test_streamed_to_disk_equals_in_memory_and_leaves_no_files(saved, mirrored):
+    path, reference, _ = saved
+    task = tasks_for_predict.Classify()
+    model = inference.load_model(str(path), mirrored)
+    with inference.Rows(1001, "t test", "disk") as rows:
+        inference.predict(model, mirrored, task_lib.split(task, "t", "test"), 64, rows=rows,
+                          preprocess_batch=lambda b: task.preprocess_batch(b, training=False))
+        directory = rows._dir
+        assert os.listdir(directory) == ["0.bin"]
+        assert np.max(np.abs(rows.arrays()["output"] - reference)) < TOL
+        blocks = list(rows.chunks(300))
+        assert [start for start, _ in blocks] == [0, 300, 600, 900] and len(blocks[-1][1]["output"]) == 101
+    assert not os.path.exists(directory)
+
+
+@pytest.mark.parametrize("store", ["memory", "disk", "none"])
+def test_a_repeated_or_missing_position_is_an_error(store):
+    out = np.arange(8, dtype=np.float32).reshape(4, 2)
+    with inference.Rows(6, "d test", store) as rows:
+        rows.put(np.array([2, 0, 1, 3]), [out], ["output"])
+        with pytest.raises(UserError, match=r"^d test: example 1 came twice; its order must be the same on every "
+                                            r"worker \(no unseeded shuffle"):
+            rows.put(np.array([4, 1]), [out[:2]], ["output"])
+        with pytest.raises(UserError, match="example 5 came twice"):
+            rows.put(np.array([5, 5]), [out[:2]], ["output"])
+        with pytest.raises(UserError, match="position 6 is outside its 6 examples"):
+            rows.put(np.array([6]), [out[:1]], ["output"])
+        with pytest.raises(UserError, match="2 of its 6 examples never came"):
+            rows.check_complete()
+        if store != "none":
+            assert np.array_equal(rows.arrays()["output"][:4], out[[1, 2, 0, 3]])
+
+
 # --- prediction files -----------------------------------------------------------------------------------------------
 
 def outputs():
@@ -102,6 +136,38 @@ def test_formats_round_trip_in_input_order(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["p.csv", "p.npy", "p.npz", "p.tfrecord"]  # no temporaries left
 
 
+def test_formats_on_a_remote_filesystem_stream_from_disk(tmp_path, monkeypatch):
+    """ram:// (TensorFlow's in-memory filesystem) stands for gs://: check, write and overwrite through tf.io.gfile,
+    from rows on disk converted 2 at a time; nothing lands in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prediction_files, "BLOCK_ROWS", 2)
+    out = outputs()
+    with inference.Rows(5, "t test", "disk") as rows:
+        rows.put(np.array([4, 0, 2]), [out["logits"][[4, 0, 2]], out["label"][[4, 0, 2]]], ["logits", "label"])
+        rows.put(np.array([3, 1]), [out["logits"][[3, 1]], out["label"][[3, 1]]], ["logits", "label"])
+        for ext in (".npz", ".csv", ".tfrecord"):
+            prediction_files.write(f"ram://preds/p{ext}", rows)
+    with tf.io.gfile.GFile("ram://preds/p.npz", "rb") as f:
+        npz = np.load(io.BytesIO(f.read()))
+        assert np.array_equal(npz["id"], np.arange(5)) and np.array_equal(npz["logits"], out["logits"])
+        assert np.array_equal(npz["label"], out["label"])
+    with tf.io.gfile.GFile("ram://preds/p.csv") as f:
+        table = np.loadtxt(io.StringIO(f.read()), delimiter=",", skiprows=1)
+    assert np.array_equal(table[:, 0], np.arange(5)) and np.array_equal(table[:, 1:4].astype("float32"), out["logits"])
+    records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset("ram://preds/p.tfrecord")]
+    assert [r.features.feature["id"].int64_list.value[0] for r in records] == list(range(5))
+    prediction_files.write("ram://preds/p.npy", {"output": out["logits"]})
+    with tf.io.gfile.GFile("ram://preds/p.npy", "rb") as f:
+        assert np.array_equal(np.load(io.BytesIO(f.read())), out["logits"])
+    with pytest.raises(UserError, match=r"^--output=ram://preds/p.npy exists; choose a new name or add --overwrite$"):
+        prediction_files.check_target("ram://preds/p.npy", False)
+    prediction_files.write("ram://preds/p.npy", {"output": out["label"]}, overwrite=True)
+    with tf.io.gfile.GFile("ram://preds/p.npy", "rb") as f:
+        assert np.array_equal(np.load(io.BytesIO(f.read())), out["label"])
+    assert sorted(tf.io.gfile.listdir("ram://preds")) == ["p.csv", "p.npy", "p.npz", "p.tfrecord"]
+    assert os.listdir(tmp_path) == []
+
+
 def test_existing_file_is_kept_unless_overwrite_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     path = tmp_path / "p.npy"
     path.write_text("old")
@@ -111,7 +177,7 @@ def test_existing_file_is_kept_unless_overwrite_and_a_failed_write_leaves_nothin
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "save", broken)
+    monkeypatch.setattr(prediction_files, "_write_npy", broken)
     with pytest.raises(OSError, match="disk full"):
         prediction_files.write(str(path), {"output": np.zeros(3)}, overwrite=True)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["p.npy"]
@@ -165,6 +231,37 @@ def test_cli_with_a_user_task_on_four_replicas_writes_csv_in_input_order(saved, 
     assert "dtf: predicted 1001/1001 examples (100%)" in proc.stderr and "examples/s" in proc.stderr
     assert "examples/s on 4 replica(s) (MirroredStrategy, 1 worker(s))" in proc.stdout
     assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == ["preds.csv"]
+
+
+TERMINAL_SCRIPT = r'''
+import sys
+class Terminal:  # stdout as on a terminal
+    def __init__(self, stream):
+        self.stream = stream
+    def isatty(self):
+        return True
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+sys.stdout = Terminal(sys.stdout)
+from dtf import predict
+sys.exit(predict.main(["dtf.predict", *sys.argv[1:]]))
+'''
+
+
+def test_cli_on_a_terminal_shows_a_bar_that_ends_in_the_summary(saved, tmp_path):
+    path, reference, _ = saved
+    out = tmp_path / "preds.npy"
+    proc = subprocess.run([sys.executable, "-c", TERMINAL_SCRIPT, f"--task={TASK}", f"--model={path}",
+                           "--global_batch_size=100", f"--output={out}"], capture_output=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=240)  # bytes: text mode reads \r as \n
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, stderr[-3000:]
+    draws = [d.rstrip() for d in stdout.split("\r") if d]
+    assert re.fullmatch(r"predict \[[=>.]{30}\] \d+/1001 - [\d,]+ examples/s", draws[0]), draws
+    assert draws[-2].startswith("predict [==============================] 1001/1001 - "), draws  # always drawn at the end
+    assert draws[-1].startswith("dtf.predict: 1001 examples in ") and stdout.endswith("\n")
+    assert "predicted 1001/1001" not in stderr  # the bar replaces the log lines
+    assert np.max(np.abs(np.load(out) - reference)) < TOL
 
 
 ERRORS_SCRIPT = r'''

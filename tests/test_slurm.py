@@ -205,3 +205,25 @@ def test_two_concurrent_jobs_each_match_the_local_launcher(slurm, tmp_path):
                                                                   _weights(tmp_path / "local")))
         print(f"slurm job {name}: max |Δw| vs dtf.launch = {diff:.2e}")
         assert diff < 1e-6
+
+
+def test_evaluator_step_scores_every_checkpoint_once(slurm, tmp_path):
+    """--evaluator with --emit=slurm: the evaluator runs as its own step beside the 2 workers, scores each epoch's
+    checkpoint exactly once and the job completes only after eval_results.json has them all."""
+    model_dir = tmp_path / "run"
+    run = [*RUN, "--checkpoint_every=1", f"--model_dir={model_dir}"]
+    script = _emit("--num_workers=2", "--nodes=1", "--tasks_per_node=2", f"--output={tmp_path}/eval.log",
+                   f"--evaluator={' '.join(run)}", "--", *run)
+    job = _submit(slurm, script, tmp_path / "eval.sbatch")
+    ended = slurm.wait_jobs([job], timeout_s=300)
+    log = (tmp_path / "eval.log").read_text()
+    assert ended[job]["JobState"] == "COMPLETED", log[-3000:]
+    names = sorted(os.listdir(model_dir / "checkpoints"))
+    assert names == ["epoch_001.keras", "epoch_002.keras"], names
+    for name in names:
+        assert len(re.findall(rf"^evaluator: .*evaluated {name} at step", log, re.M)) == 1, log[-3000:]
+    results = json.loads((model_dir / "eval_results.json").read_text())
+    assert sorted(results["checkpoints"]) == names
+    assert [results["checkpoints"][n]["step"] for n in names] == [10, 20]
+    assert "evaluator: dtf: evaluated 2 checkpoint(s)" in log
+    assert not re.search(r"^evaluator: .*strategy=", log, re.M)  # it never joined the workers' collective

@@ -3,6 +3,7 @@ resume, and one-line errors for a bad search space."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -50,6 +51,9 @@ def test_sweep_outputs(sweep):
     for r in rows:  # peak LR is dtf's linear scaling of the trial's global batch
         assert float(r["peak_lr"]) == pytest.approx(float(r["base_lr"]) * int(r["global_batch_size"]) / 64)
     assert "dtf.tune: 3 new trial(s)" in proc.stdout
+    for r in done:  # one progress line per trial epoch (not a terminal), labelled with its trial, with examples/s
+        [line] = [l for l in proc.stdout.splitlines() if l.startswith(f"trial {r['trial']}: epoch ")]
+        assert re.match(rf"trial {r['trial']}: epoch 1/1: \d+ steps in \S+s, [\d,]+ examples/s - ", line), line
     assert "objective" in proc.stdout and "diverged" in proc.stdout  # the table
     assert (tune_dir / "objective_vs_batch.png").stat().st_size > 1000
     assert len(os.listdir(tune_dir / "tb")) == 3
