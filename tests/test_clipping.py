@@ -2,7 +2,6 @@
 mirrored × 4 trains as one device does at the same global batch. Keras alone clips each replica's share before the
 all-reduce, which the last test shows gives different weights. Equivalence is checked over 8 updates (the equivalence
 horizon: design.md)."""
-import numpy as np
 import pytest
 
 import dtf

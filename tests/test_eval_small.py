@@ -1,12 +1,10 @@
 """Evaluation of a split smaller than one global batch under mirrored × 4: some replicas get empty batches. Keras's
 symbolic build reduced the first batch across replicas and crashed on the unequal shapes (an AddN error); dtf builds
 from the first local batch (`dtf.keras_compat`). Results must equal one-device evaluation."""
-import numpy as np
 import pytest
 
 import dtf
 import equiv_common as eq
-import keras
 import tensorflow as tf
 
 from dtf import data
