@@ -1,0 +1,121 @@
+"""--data_service: the service produces every training example exactly once per epoch, in the local order (ids
+collected under mirrored×4 and under 2 real workers), a run through it ends with the local run's weights, bad or
+unreachable services are one-line errors, and local:N leaves no process behind.
+
+One local:2 service (real dispatcher and worker processes) is shared by the module."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dtf import cluster, data, data_service
+from dtf.errors import UserError
+from test_data import GLOBAL_BATCH, TRAIN_IDS, PipelineStrategy, id_files, parse_id, with_id  # noqa: F401
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def service():
+    with data_service.local(2) as running:
+        yield running
+
+
+def children(pid: int):
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def replica_ids(strategy, dataset, steps):
+    it = iter(dataset)
+    return [[t.numpy().tolist() for t in strategy.experimental_local_results(next(it)[1])] for _ in range(steps)]
+
+
+def test_bad_and_unreachable_specs_are_one_line_errors():
+    for bad in ("foo", "local:0", "grpc://host", "grpc://h:99999", "http://h:1"):
+        with pytest.raises(UserError, match=r"^--data_service=.* is not a tf.data service; write grpc://HOST:PORT"):
+            data_service.parse(bad)
+    assert data_service.parse("local:3") == data_service.Spec(local_workers=3)
+    assert data_service.parse("grpc://10.0.0.1:5050") == data_service.Spec(address="10.0.0.1:5050")
+    port = cluster.free_ports(1)[0]
+    with pytest.raises(UserError, match=f"--data_service=grpc://127.0.0.1:{port}: nothing answers"):
+        with data_service.running(f"grpc://127.0.0.1:{port}"):
+            pass
+
+
+def test_dtf_run_rejects_a_bad_spec_with_status_2():
+    done = subprocess.run([sys.executable, "-m", "dtf.run", "--data_service=foo", "--epochs=1"], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("dtf.run: error: --data_service=foo is not a tf.data")
+
+
+@pytest.mark.slow
+def test_mirrored4_every_example_once_in_the_local_order(mirrored4, service, id_files):
+    for source, kwargs in ((tf.data.Dataset.range(TRAIN_IDS).map(with_id), {}),
+                           (id_files["train"], {"preprocess": parse_id})):
+        local = data.distribute_dataset(mirrored4, source, GLOBAL_BATCH, seed=5, **kwargs)
+        served = data.distribute_dataset(mirrored4, source, GLOBAL_BATCH, seed=5, data_service=service, **kwargs)
+        steps = 2 * served.steps_per_epoch
+        got = replica_ids(mirrored4, served.dataset, steps)
+        assert got == replica_ids(mirrored4, local.dataset, steps)
+        for epoch in (got[:steps // 2], got[steps // 2:]):
+            assert sorted(i for step in epoch for part in step for i in part) == list(range(TRAIN_IDS))
+
+
+PROBE = r'''
+import dtf
+strategy = dtf.create_strategy("multi_worker")
+import tensorflow as tf
+from dtf import data, data_service
+sys.path.insert(0, os.environ["PROBE_TESTS"])
+from test_data import GLOBAL_BATCH, parse_id
+service = data_service.Service(os.environ["SERVICE"], 2)
+d = data.distribute_dataset(strategy, json.loads(os.environ["FILES"]), GLOBAL_BATCH, seed=5, preprocess=parse_id,
+                            data_service=service)
+it = iter(d.dataset)
+steps = [[t.numpy().tolist() for t in strategy.experimental_local_results(next(it)[1])]
+         for _ in range(2 * d.steps_per_epoch)]
+with open(os.path.join(OUT, f"ids_{TASK}.json"), "w") as f:
+    json.dump(steps, f)
+'''
+
+
+@pytest.mark.slow
+def test_two_workers_every_example_once_in_the_local_order(run_workers, service, id_files, tmp_path):
+    run_workers(PROBE, 2, env={"SERVICE": service.target, "FILES": json.dumps(id_files["train"]),
+                               "PROBE_TESTS": os.path.dirname(os.path.abspath(__file__))})
+    workers = [json.loads((tmp_path / f"ids_{i}.json").read_text()) for i in range(2)]
+    steps = len(workers[0]) // 2
+    assert len(workers[1]) == 2 * steps == 2 * TRAIN_IDS // GLOBAL_BATCH
+    for epoch in (slice(0, steps), slice(steps, 2 * steps)):
+        seen = [i for w in workers for step in w[epoch] for part in step for i in part]
+        assert sorted(seen) == list(range(TRAIN_IDS))
+    local = data.distribute_dataset(PipelineStrategy(2, 2), id_files["train"], GLOBAL_BATCH, seed=5,
+                                    preprocess=parse_id)
+    for worker, ds in enumerate(local.dataset):
+        it = iter(ds)
+        assert [step[0] for step in workers[worker]] == [next(it)[1].numpy().tolist() for _ in range(2 * steps)]
+
+
+@pytest.mark.slow
+def test_run_through_local_service_reaches_the_same_weights_and_stops_it(mirrored4, tmp_path):
+    import keras
+
+    from dtf.config import Config
+    from dtf.train import run_experiment
+
+    weights, before = {}, set(children(os.getpid()))
+    for name, spec in (("local", None), ("served", "local:2")):
+        config = Config(strategy="mirrored", num_cpu_devices=4, dataset="shapes", model="mlp", epochs=2,
+                        steps_per_epoch=6, global_batch_size=64, model_dir=str(tmp_path / name), data_service=spec,
+                        data_dir=str(tmp_path / "data"), log_every_steps=3)
+        summary = run_experiment(config, strategy=mirrored4)
+        assert set(children(os.getpid())) == before, "tf.data service processes outlived the run"
+        weights[name] = keras.models.load_model(tmp_path / name / "model.keras").get_weights()
+        weights[name + "_acc"] = summary["final_metrics"]["val_accuracy"]
+    assert all(np.array_equal(a, b) for a, b in zip(weights["local"], weights["served"]))
+    assert weights["local_acc"] == weights["served_acc"]
