@@ -319,8 +319,7 @@ def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, p
             return tf.data.experimental.service.from_dataset_id(
                 tf.data.experimental.service.ShardingPolicy.DYNAMIC, service.target, dataset_id, part.element_spec)
 
-        return tf.data.Dataset.range(service.jobs).interleave(served_part, cycle_length=service.jobs, block_length=1,
-                                                              deterministic=True)
+        return tf.data.Dataset.range(service.jobs).interleave(served_part, cycle_length=service.jobs, block_length=1)
 
     epochs = tf.data.Dataset.counter(initial_epoch).flat_map(served_epoch if service else epoch)
     epochs = epochs.skip(initial_step * replicas)
