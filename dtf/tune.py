@@ -35,6 +35,7 @@ import time
 from typing import Dict, List, Optional
 
 from dtf import cli
+from dtf import data_service
 from dtf.objectives import MAXIMIZED_WORDS, MINIMIZED_WORDS, objective_direction
 from dtf import tune_distributed as distributed
 
@@ -202,6 +203,7 @@ def _make_hypermodel_class():
             self.trial_id = None  # set by the tuner before each trial (see _tuner_class)
             self.trials_run = []  # trial ids this process trained
             self.exp = None
+            self.data_service = None  # the running --data_service while trials train (see search below)
 
         def overrides(self, hp) -> dict:
             out = {}
@@ -229,7 +231,7 @@ def _make_hypermodel_class():
 
         def build(self, hp):
             config = dtf_flags.config_from_flags(**self.overrides(hp))
-            self.exp = train.Experiment(config, self.strategy, self.cluster, self.task)
+            self.exp = train.Experiment(config, self.strategy, self.cluster, self.task, self.data_service)
             return self.exp.build_model()
 
         def fit(self, hp, model, *args, callbacks=None, **kwargs):
@@ -514,8 +516,9 @@ def _body(rest):
         import io
 
         try:  # keras-tuner prints a progress display per trial; keep stdout for dtf's own table
-            with contextlib.redirect_stdout(io.StringIO()):
-                tuner.search(verbose=0)
+            with data_service.running(config.data_service) as hypermodel.data_service:  # one service for all trials
+                with contextlib.redirect_stdout(io.StringIO()):
+                    tuner.search(verbose=0)
         except objective_not_reported as e:
             raise UserError(str(e)) from None
 
