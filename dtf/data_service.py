@@ -140,9 +140,9 @@ def _wait_healthy(servers: List[subprocess.Popen], ports: List[int], timeout_s: 
         time.sleep(0.2)
 
 
-def serve(role: str, port: int, dispatcher: Optional[str] = None):
-    """Run one server in this process until it is killed. Workers register with the dispatcher, advertising
-    HOST:port (TF binds every interface; the advertised address is what consumers dial)."""
+def serve(role: str, port: int, dispatcher: Optional[str] = None, host: str = HOST):
+    """Run one server in this process until it is killed. A worker registers with the dispatcher as host:port, the
+    address consumers dial (TF binds every interface whatever `host` is)."""
     from dtf import versions
 
     versions.load_tensorflow()
@@ -152,10 +152,34 @@ def serve(role: str, port: int, dispatcher: Optional[str] = None):
     if role == "dispatcher":
         server = service.DispatchServer(service.DispatcherConfig(port=port))
     else:
-        server = service.WorkerServer(service.WorkerConfig(dispatcher_address=dispatcher, worker_address=f"{HOST}:{port}",
+        server = service.WorkerServer(service.WorkerConfig(dispatcher_address=dispatcher, worker_address=f"{host}:{port}",
                                                            port=port))
     server.join()
 
 
+def wait(addresses: List[str], timeout_s: float = START_TIMEOUT_S) -> int:
+    """Exit status 0 once every host:port answers, 2 (with one line) if one does not within `timeout_s`: the health
+    check batch scripts run before training."""
+    deadline = time.monotonic() + timeout_s
+    for address in addresses:
+        while not reachable(address, timeout_s=1.0):
+            if time.monotonic() > deadline:
+                sys.stderr.write(f"dtf.data_service: error: nothing answers at {address} after {timeout_s:g}s\n")
+                return 2
+            time.sleep(0.5)
+    return 0
+
+
+USAGE = """python -m dtf.data_service dispatcher PORT
+python -m dtf.data_service worker PORT DISPATCHER_HOST:PORT [ADVERTISED_HOST]
+python -m dtf.data_service wait HOST:PORT..."""
+
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])
+    args = sys.argv[1:]
+    if args[:1] == ["wait"] and args[1:]:
+        sys.exit(wait(args[1:]))
+    if args[:1] == ["dispatcher"] and len(args) == 2 or args[:1] == ["worker"] and len(args) in (3, 4):
+        serve(args[0], int(args[1]), *args[2:])
+    else:
+        sys.stderr.write(f"usage:\n{USAGE}\n")
+        sys.exit(2)

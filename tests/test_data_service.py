@@ -119,3 +119,69 @@ def test_run_through_local_service_reaches_the_same_weights_and_stops_it(mirrore
         weights[name + "_acc"] = summary["final_metrics"]["val_accuracy"]
     assert all(np.array_equal(a, b) for a, b in zip(weights["local"], weights["served"]))
     assert weights["local_acc"] == weights["served_acc"]
+
+
+def test_local_service_is_stopped_and_reaped_on_interrupt():
+    before = set(children(os.getpid()))
+    with pytest.raises(KeyboardInterrupt):
+        with data_service.local(1) as running:
+            started = set(children(os.getpid())) - before
+            assert len(started) == 2 and data_service.reachable(running.target[len("grpc://"):])
+            raise KeyboardInterrupt
+    assert set(children(os.getpid())) == before
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in started)
+
+
+def test_emit_tfjob_adds_a_data_service_the_command_points_at(capsys):
+    import yaml
+
+    from dtf import launch
+
+    tfjob_api = pytest.importorskip("tfjob_api", reason="needs kubeflow-training: pip install -e '.[test]'")
+    command = ["python", "-m", "dtf.run", "--epochs=1"]
+    assert launch.main(["dtf.launch", "--emit=tfjob", "--num_workers=2", "--job_name=run1", "--image=reg/dtf:1",
+                        "--data_service_workers=3", "--", *command]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["TFJob", "Service", "Deployment", "Deployment"]
+    assert tfjob_api.validate_tfjob(docs[0]) == []
+    for doc in docs[1:]:
+        errors = []
+        tfjob_api._check(doc, f"V1{doc['kind']}", doc["kind"], errors)
+        assert errors == []
+    for spec in docs[0]["spec"]["tfReplicaSpecs"].values():
+        assert spec["template"]["spec"]["containers"][0]["command"] == [*command,
+                                                                        "--data_service=grpc://run1-data:5050"]
+    service, dispatcher, workers = docs[1:]
+    assert service["metadata"]["name"] == "run1-data"
+    assert service["spec"]["selector"] == dispatcher["spec"]["template"]["metadata"]["labels"]
+    assert dispatcher["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["dispatcher", "5050"]
+    assert workers["spec"]["replicas"] == 3
+    assert workers["spec"]["template"]["spec"]["containers"][0]["command"][-3:] == ["5051", "run1-data:5050",
+                                                                                    "$(POD_IP)"]
+
+
+def test_emit_slurm_starts_checks_and_stops_the_service(capsys):
+    from dtf import launch
+
+    assert launch.main(["dtf.launch", "--emit=slurm", "--num_workers=2", "--data_service_workers=2", "--",
+                        "python", "-m", "dtf.run"]) == 0
+    script = capsys.readouterr().out
+    assert script.count("python -m dtf.data_service dispatcher") == 1
+    assert "for i in $(seq 2); do" in script and "python -m dtf.data_service worker" in script
+    assert "python -m dtf.data_service wait" in script and "kill $(jobs -p)" in script
+    assert 'python -m dtf.run "--data_service=grpc://$ds_host:$ds_port" 2>&1' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data_service_workers=2", "--"], "--data_service_workers only applies with --emit"),
+    (["--emit=slurm", "--data_service_workers=0", "--"], "--data_service_workers must be >= 1"),
+    (["--emit=tfjob", "--data_service_workers=1", "--", "--data_service=local:1"], "remove --data_service from"),
+])
+def test_bad_data_service_workers_are_one_line_and_exit_2(capsys, args, message):
+    from dtf import launch
+
+    argv = ["dtf.launch", "--num_workers=2", *args[:args.index("--") + 1], "python", "-m", "dtf.run",
+            *args[args.index("--") + 1:]]
+    assert launch.main(argv) == 2
+    assert message in capsys.readouterr().err
