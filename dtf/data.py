@@ -20,6 +20,7 @@ same order and counts; evaluation stays local (exact, and small).
 """
 import dataclasses
 import math
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
@@ -33,6 +34,8 @@ from dtf.logs import get_logger
 from dtf.scaling import BatchPlan
 
 log = get_logger(__name__)
+# register_dataset, traced inside the epoch function, reads the options TF now keeps in the graph; nothing is lost.
+warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options across serialization")
 
 DEFAULT_SEED = 0
 DEFAULT_SHUFFLE_BUFFER = 10_000
@@ -259,8 +262,9 @@ def distribute_dataset(
                            sharding=share.sharding, input_shape=getattr(source, "input_shape", None),
                            num_classes=getattr(source, "num_classes", None))
     sharded = f"{len(share.sizes)} pipelines sharded by {share.sharding}" if len(share.sizes) > 1 else "1 pipeline"
+    served = f", from the tf.data service {data_service.target}" if data_service is not None and training else ""
     log.info(f"{'training' if training else 'evaluation'} input: {data.num_examples} examples, {sharded}, global batch "
-             f"{global_batch_size} = {num_replicas} replica(s) x {per_replica}, {steps} steps")
+             f"{global_batch_size} = {num_replicas} replica(s) x {per_replica}, {steps} steps{served}")
     return data
 
 
