@@ -299,6 +299,7 @@ def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, p
         part = tuple(x[first:first + per_pipeline] for x in batch)
         return part if len(part) > 1 else part[0]
 
+    @tf.autograph.experimental.do_not_convert  # plain Python branches; AutoGraph misreads this closure and warns
     def epoch(e, part=None):
         # Traced in a graph, this sets only this function's graph-level seed, which TF pairs with the op seed: the
         # order then depends on (seed, e) alone, not on whether or how the user set the process-wide seed.
