@@ -185,3 +185,16 @@ def test_bad_data_service_workers_are_one_line_and_exit_2(capsys, args, message)
             *args[args.index("--") + 1:]]
     assert launch.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tune_trials_read_from_one_local_service(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "dtf.tune", "--dataset=synthetic", "--model=mlp", "--epochs=1", "--steps_per_epoch=3",
+         "--tune_global_batch_sizes=32,64", "--tune_base_lr=0.05", "--tuner=grid", "--max_trials=2",
+         f"--tune_dir={tmp_path / 'tune'}", "--data_service=local:1"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dtf.tune: 2 new trial(s)" in done.stdout
+    assert done.stderr.count("dtf: tf.data service: dispatcher") == 1
+    assert done.stderr.count("steps, from the tf.data service grpc://127.0.0.1:") == 2
