@@ -7,9 +7,9 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
+from dtf import data_service
 from dtf.choices import (COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, LR_SCALING_RULES, OPTIMIZERS,
                          SCHEDULES, SHARDINGS, STRATEGIES)
-from dtf import data_service
 from dtf.errors import UserError
 
 

@@ -305,16 +305,16 @@ def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, p
         # order then depends on (seed, e) alone, not on whether or how the user set the process-wide seed.
         tf.random.set_seed(GRAPH_SEED)
         data = share.shuffle(buffer, seed=epoch_seed(seed, e))
-        if preprocess is not None and part is None:
+        if part is not None and not slice_of_global:  # a service part: the examples of batches part, part + jobs, ...
+            data = data.take(batches_per_epoch * per_replica).enumerate().filter(
+                lambda i, _: i // per_replica % service.jobs == part).map(lambda _, example: example)
+        if preprocess is not None:
             data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
         if slice_of_global:
             data = data.batch(slice_of_global, drop_remainder=True).map(my_slice).unbatch()
         data = data.batch(per_replica, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE).take(batches_per_epoch)
-        if part is not None:  # a service part: its batches, then the per-example work on those only
+        if part is not None and slice_of_global:
             data = data.shard(service.jobs, part)
-            if preprocess is not None:
-                data = data.unbatch().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).batch(
-                    per_replica, drop_remainder=True)
         return _map_batches(data, preprocess_batch)
 
     def served_epoch(e):

@@ -55,7 +55,8 @@ def test_dtf_run_rejects_a_bad_spec_with_status_2():
 
 @pytest.mark.slow
 def test_mirrored4_every_example_once_in_the_local_order(mirrored4, service, id_files):
-    for source, kwargs in ((tf.data.Dataset.range(TRAIN_IDS).map(with_id), {}),
+    in_memory = tf.data.Dataset.range(TRAIN_IDS).map(with_id)
+    for source, kwargs in ((in_memory, {}), (in_memory, {"sharding": "batch"}),
                            (id_files["train"], {"preprocess": parse_id})):
         local = data.distribute_dataset(mirrored4, source, GLOBAL_BATCH, seed=5, **kwargs)
         served = data.distribute_dataset(mirrored4, source, GLOBAL_BATCH, seed=5, data_service=service, **kwargs)
