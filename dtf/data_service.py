@@ -16,9 +16,11 @@ elements, 80 distinct, over 2 epochs. ShardingPolicy.OFF would have every servic
 This module does not import TensorFlow except in the server processes (it is in dtf's light set).
 """
 import contextlib
+import ctypes
 import dataclasses
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +38,7 @@ FLAG = "data_service"
 HOST = "127.0.0.1"
 DEFAULT_JOBS = 4  # parts per epoch for a grpc:// service, whose worker count dtf does not know
 START_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1
 _SPEC = re.compile(r"^(?:grpc://(?P<host>[\w.-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})|local:(?P<workers>\d+))$")
 
 
@@ -115,13 +118,19 @@ def local(num_workers: int, timeout_s: float = START_TIMEOUT_S) -> Iterator[Serv
     try:
         for command in server_commands(ports[0], ports[1:]):
             servers.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            start_new_session=True))
+                                            start_new_session=True, preexec_fn=_die_with_parent))
         _wait_healthy(servers, ports, timeout_s)
         log.info(f"tf.data service: dispatcher {HOST}:{ports[0]} (pid {servers[0].pid}), {num_workers} worker(s) "
                  f"on {','.join(map(str, ports[1:]))}")
         yield Service(f"grpc://{HOST}:{ports[0]}", num_workers)
     finally:
         procs.stop_all(servers)
+
+
+def _die_with_parent():
+    """Linux: SIGKILL this server when the process that started it dies, even by SIGKILL (no finally runs then)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _wait_healthy(servers: List[subprocess.Popen], ports: List[int], timeout_s: float):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,6 +28,15 @@ def service():
 
 def children(pid: int):
     return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def replica_ids(strategy, dataset, steps):
@@ -130,7 +140,7 @@ def test_local_service_is_stopped_and_reaped_on_interrupt():
             assert len(started) == 2 and data_service.reachable(running.target[len("grpc://"):])
             raise KeyboardInterrupt
     assert set(children(os.getpid())) == before
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in started)
+    assert not any(map(alive, started))
 
 
 def test_emit_tfjob_adds_a_data_service_the_command_points_at(capsys):
@@ -199,3 +209,23 @@ def test_tune_trials_read_from_one_local_service(tmp_path):
     assert "dtf.tune: 2 new trial(s)" in done.stdout
     assert done.stderr.count("dtf: tf.data service: dispatcher") == 1
     assert done.stderr.count("steps, from the tf.data service grpc://127.0.0.1:") == 2
+
+
+def test_local_service_dies_with_a_killed_parent(tmp_path):
+    code = ("import os, subprocess, time\nfrom dtf import data_service\n"
+            "with data_service.local(1):\n"
+            "    pids = subprocess.run(['pgrep', '-P', str(os.getpid())], capture_output=True, text=True).stdout\n"
+            "    print(' '.join(pids.split()), flush=True)\n"
+            "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        servers = [int(p) for p in parent.stdout.readline().split()]
+    finally:
+        parent.kill()
+        parent.wait()
+    assert len(servers) == 2
+    deadline = time.monotonic() + 10
+    while any(map(alive, servers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, servers))
