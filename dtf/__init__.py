@@ -19,7 +19,7 @@ _EXPORTS = {
     "distribute_dataset": "dtf.data", "Task": "dtf.task",
 }
 # Submodules that never import TensorFlow; any other `from dtf import <submodule>` loads it the dtf way first.
-_LIGHT = {"batch_study", "bench", "choices", "cli", "cluster", "config", "errors", "exitcodes", "flags", "launch",
+_LIGHT = {"batch_study", "bench", "choices", "cli", "cluster", "config", "data_service", "errors", "exitcodes", "flags", "launch",
           "logs", "manifests", "netns", "objectives", "procs", "ray", "run", "slurm", "slurm_task", "tune",
           "tune_distributed", "versions"}
 

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
+from dtf import data_service
 from dtf.choices import (COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, LR_SCALING_RULES, OPTIMIZERS,
                          SCHEDULES, SHARDINGS, STRATEGIES)
 from dtf.errors import UserError
@@ -64,6 +65,9 @@ class Config:
     shuffle_buffer: int = _f(10_000, "data", "Shuffle buffer (examples).", positive=True)
     cache: bool = _f(False, "data", "Cache decoded examples in memory after the first epoch.")
     deterministic: bool = _f(True, "data", "Fixed element order in tf.data (needed for reproducible runs).")
+    data_service: Optional[str] = _f(None, "data", "Produce training batches in a tf.data service: grpc://HOST:PORT "
+                                     "of a running dispatcher, or local:N to start a dispatcher and N workers for "
+                                     "this run. Same batches, same order; evaluation stays local.")
     # --- optimization
     optimizer: str = _f("sgd", "optimization", "Optimizer.", OPTIMIZERS)
     base_lr: float = _f(0.1, "optimization", "Learning rate at --reference_batch_size; scaled by --lr_scaling.",
@@ -131,6 +135,8 @@ class Config:
             given = " ".join(f"--{k}={getattr(self, k)}" for k in ("dataset", "model") if getattr(self, k))
             raise UserError(f"--task={self.task} replaces the built-in task that {given} configures; remove {given} "
                             "(the task's own flags configure it)")
+        if self.data_service is not None:
+            data_service.parse(self.data_service)
         if self.warmup_steps is not None and self.warmup_epochs:
             raise UserError("give --warmup_epochs or --warmup_steps, not both")
         if self.profile_steps and (len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]):

@@ -14,9 +14,13 @@ each pipeline (the smallest share decides), so epochs stay aligned with Keras's 
 Evaluation keeps every example once: no shuffle, no repeat, the last partial batch kept. Replicas whose pipeline has
 run out get empty batches (TensorFlow's partial-batch handling); Keras weighs loss and metrics by batch size, so
 metrics equal the single-device ones (checked under mirrored and 2 workers in tests/test_data.py).
+
+With a tf.data service (`data_service`, see dtf.data_service), training batches are produced by the service in the
+same order and counts; evaluation stays local (exact, and small).
 """
 import dataclasses
 import math
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
@@ -30,6 +34,8 @@ from dtf.logs import get_logger
 from dtf.scaling import BatchPlan
 
 log = get_logger(__name__)
+# register_dataset, traced inside the epoch function, reads the options TF now keeps in the graph; nothing is lost.
+warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options across serialization")
 
 DEFAULT_SEED = 0
 DEFAULT_SHUFFLE_BUFFER = 10_000
@@ -181,6 +187,7 @@ def distribute_dataset(
     initial_step: int = 0,
     steps_per_epoch: Optional[int] = None,
     sharding: str = "auto",
+    data_service=None,
 ) -> DistributedData:
     """Per-replica batches of `source` for `strategy`.
 
@@ -214,6 +221,9 @@ def distribute_dataset(
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # dtf shards itself
     if deterministic is not None:
         options.deterministic = deterministic
+    if data_service is not None and training and cache:
+        raise UserError("--cache keeps examples in the training process, which --data_service does not read; "
+                        "remove one of them", arguments=("cache", "data_service"))
     plans = []
 
     by_batch = training and sharding == "batch" and isinstance(source, DatasetSplit)
@@ -231,9 +241,9 @@ def distribute_dataset(
                 steps = steps_per_epoch
             if initial_step >= steps:
                 raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")
-            data = _training_batches(data, ctx, per_replica, steps, seed, shuffle_buffer, preprocess, initial_epoch,
-                                     initial_step, global_batch_size if by_batch else None)
-            data = _map_batches(data, preprocess_batch)
+            data = _training_batches(data, ctx, per_replica, steps, seed, shuffle_buffer, preprocess, preprocess_batch,
+                                     initial_epoch, initial_step, global_batch_size if by_batch else None,
+                                     data_service)
         else:
             steps = evaluation_steps(share.sizes, global_batch_size, num_replicas)
             if preprocess is not None:
@@ -252,8 +262,9 @@ def distribute_dataset(
                            sharding=share.sharding, input_shape=getattr(source, "input_shape", None),
                            num_classes=getattr(source, "num_classes", None))
     sharded = f"{len(share.sizes)} pipelines sharded by {share.sharding}" if len(share.sizes) > 1 else "1 pipeline"
+    served = f", from the tf.data service {data_service.target}" if data_service is not None and training else ""
     log.info(f"{'training' if training else 'evaluation'} input: {data.num_examples} examples, {sharded}, global batch "
-             f"{global_batch_size} = {num_replicas} replica(s) x {per_replica}, {steps} steps")
+             f"{global_batch_size} = {num_replicas} replica(s) x {per_replica}, {steps} steps{served}")
     return data
 
 
@@ -273,11 +284,12 @@ def _filled_cache(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, per_replica: int, steps: int,
-                      seed: int, buffer: int, preprocess, initial_epoch: int, initial_step: int,
-                      slice_of_global: Optional[int] = None) -> tf.data.Dataset:
+                      seed: int, buffer: int, preprocess, preprocess_batch, initial_epoch: int, initial_step: int,
+                      slice_of_global: Optional[int] = None, service=None) -> tf.data.Dataset:
     """Epochs initial_epoch, initial_epoch + 1, ... of `steps` steps each (one batch per local replica per step),
     epoch e shuffled by epoch_seed(seed, e); the first `initial_step` steps are skipped. With `slice_of_global` (the
-    global batch), `share` is the whole split and this pipeline keeps its slice of each global batch."""
+    global batch), `share` is the whole split and this pipeline keeps its slice of each global batch. With `service`,
+    each epoch is produced there in `service.jobs` parts (see dtf.data_service for why that keeps the order)."""
     replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     batches_per_epoch = steps * replicas
     per_pipeline = per_replica * replicas
@@ -287,17 +299,34 @@ def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, p
         part = tuple(x[first:first + per_pipeline] for x in batch)
         return part if len(part) > 1 else part[0]
 
-    def epoch(e):
+    @tf.autograph.experimental.do_not_convert  # plain Python branches; AutoGraph misreads this closure and warns
+    def epoch(e, part=None):
         # Traced in a graph, this sets only this function's graph-level seed, which TF pairs with the op seed: the
         # order then depends on (seed, e) alone, not on whether or how the user set the process-wide seed.
         tf.random.set_seed(GRAPH_SEED)
         data = share.shuffle(buffer, seed=epoch_seed(seed, e))
+        if part is not None and not slice_of_global:  # a service part: the examples of batches part, part + jobs, ...
+            data = data.take(batches_per_epoch * per_replica).enumerate().filter(
+                lambda i, _: i // per_replica % service.jobs == part).map(lambda _, example: example)
         if preprocess is not None:
             data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
         if slice_of_global:
             data = data.batch(slice_of_global, drop_remainder=True).map(my_slice).unbatch()
-        return data.batch(per_replica, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE).take(batches_per_epoch)
+        data = data.batch(per_replica, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE).take(batches_per_epoch)
+        if part is not None and slice_of_global:
+            data = data.shard(service.jobs, part)
+        return _map_batches(data, preprocess_batch)
 
-    epochs = tf.data.Dataset.counter(initial_epoch).flat_map(epoch).skip(initial_step * replicas)
+    def served_epoch(e):
+        def served_part(k):
+            part = tf.data.Dataset.from_tensors(k).flat_map(lambda k: epoch(e, k))  # one split: one service worker
+            dataset_id = tf.data.experimental.service.register_dataset(service.target, part)
+            return tf.data.experimental.service.from_dataset_id(
+                tf.data.experimental.service.ShardingPolicy.DYNAMIC, service.target, dataset_id, part.element_spec)
+
+        return tf.data.Dataset.range(service.jobs).interleave(served_part, cycle_length=service.jobs, block_length=1)
+
+    epochs = tf.data.Dataset.counter(initial_epoch).flat_map(served_epoch if service else epoch)
+    epochs = epochs.skip(initial_step * replicas)
     # Infinite (not unknown) keeps TF from checking every step whether some worker ran out of data.
     return epochs.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))

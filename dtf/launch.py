@@ -26,7 +26,7 @@ launcher therefore runs the group in a private network namespace with loopback o
 where nothing outside this host can reach them (nor can the workers reach the network).
 
 `--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests,
-dtf.slurm). `--backend=ray` runs it on Ray Train workers instead of local processes (see dtf.ray).
+dtf.slurm); `--data_service_workers=N` adds a tf.data service to it (dtf.data_service). `--backend=ray` runs it on Ray Train workers instead of local processes (see dtf.ray).
 """
 import json
 import os
@@ -103,6 +103,9 @@ flags.DEFINE_string("memory", None, "--emit=tfjob: memory per training pod, e.g.
 flags.DEFINE_string("volume", None, "--emit=tfjob: CLAIM:/mount/path, a shared PersistentVolumeClaim mounted in "
                     "every pod; --model_dir must be under it so restarted pods resume.", flag_values=FLAGS)
 TFJOB_FLAGS = ("gpus_per_worker", "cpu", "memory", "volume")
+flags.DEFINE_integer("data_service_workers", None, "--emit=tfjob|slurm: also run a tf.data service (a dispatcher and "
+                     "this many workers) for the job, and add --data_service=grpc://... to the command.",
+                     flag_values=FLAGS)
 
 HOST = "127.0.0.1"  # local clusters never listen for, or point at, another address
 PORT_RETRIES = 3
@@ -149,6 +152,15 @@ def parse_args(argv: Sequence[str]) -> List[str]:
     for name in SLURM_FLAGS:
         if FLAGS[name].value is not None and FLAGS.emit != "slurm":
             raise UserError(f"--{name} only applies to --emit=slurm; remove it or add --emit=slurm")
+    if FLAGS.data_service_workers is not None:
+        if not FLAGS.emit:
+            raise UserError("--data_service_workers only applies with --emit=tfjob|slurm; locally, give the command "
+                            "--data_service=local:N")
+        if FLAGS.data_service_workers < 1:
+            raise UserError(f"--data_service_workers must be >= 1, got {FLAGS.data_service_workers}")
+        if any(arg.startswith("--data_service") for arg in command):
+            raise UserError("--data_service_workers points the command at its own tf.data service; remove "
+                            "--data_service from the command")
     if FLAGS.job_name is not None and not FLAGS.emit:
         raise UserError("--job_name only applies with --emit=tfjob|slurm; remove it or add --emit")
     if FLAGS.evaluator is not None and not evaluator_command():
@@ -292,9 +304,11 @@ def emit(command: Sequence[str]) -> str:
         volume = manifests.SharedVolume.parse(FLAGS.volume) if FLAGS.volume is not None else None
         return manifests.tfjob(command, FLAGS.num_workers, image=FLAGS.image or manifests.DEFAULT_IMAGE,
                                job_name=job_name, max_restarts=max_restarts, timeout_s=FLAGS.timeout,
-                               evaluator=evaluator_command(), resources=resources, volume=volume)
+                               evaluator=evaluator_command(), resources=resources, volume=volume,
+                               data_service_workers=FLAGS.data_service_workers)
     return slurm.sbatch(command, FLAGS.num_workers, job_name=job_name, max_restarts=max_restarts,
                         timeout_s=FLAGS.timeout, evaluator=evaluator_command(),
+                        data_service_workers=FLAGS.data_service_workers,
                         **{name: FLAGS[name].value for name in SLURM_FLAGS})
 
 

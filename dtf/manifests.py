@@ -16,6 +16,7 @@ from dtf.errors import UserError
 KINDS = ("tfjob", "slurm")
 DEFAULT_IMAGE = "dtf:latest"
 DEFAULT_JOB_NAME = "dtf-job"
+DISPATCHER_PORT, WORKER_PORT = 5050, 5051  # the tf.data service's pods (--data_service_workers)
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # DNS-1035
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
@@ -100,15 +101,19 @@ def _replica(count: int, image: str, command: Sequence[str], resources: PodResou
 def tfjob(command: Sequence[str], num_workers: int, *, image: str = DEFAULT_IMAGE, job_name: str = DEFAULT_JOB_NAME,
           max_restarts: Optional[int] = None, timeout_s: Optional[float] = None,
           evaluator: Optional[Sequence[str]] = None, resources: PodResources = PodResources(),
-          volume: Optional[SharedVolume] = None) -> str:
+          volume: Optional[SharedVolume] = None, data_service_workers: Optional[int] = None) -> str:
     """A Kubeflow TFJob (kubeflow.org/v1): one Chief plus `num_workers - 1` Workers, each running `command`, and an
     Evaluator running `evaluator` if given (outside the training cluster; it reads the chief's outputs on the volume).
+    With `data_service_workers`, also a tf.data service (see `data_service`) that the training command is pointed at.
 
     `max_restarts` becomes runPolicy.backoffLimit and `timeout_s` activeDeadlineSeconds, so the flags mean what they
     mean for the local launcher. `resources` apply to the training pods.
     """
     if volume:
         volume.check_model_dir(command)
+    job_name = check_job_name(job_name)
+    if data_service_workers is not None:
+        command = [*command, f"--data_service=grpc://{job_name}-data:{DISPATCHER_PORT}"]
     specs = {"Chief": _replica(1, image, command, resources, volume)}
     if num_workers > 1:
         specs["Worker"] = _replica(num_workers - 1, image, command, resources, volume)
@@ -121,6 +126,34 @@ def tfjob(command: Sequence[str], num_workers: int, *, image: str = DEFAULT_IMAG
     if timeout_s is not None:
         run_policy["activeDeadlineSeconds"] = math.ceil(timeout_s)
     spec = {"tfReplicaSpecs": specs, "runPolicy": run_policy}
-    manifest = {"apiVersion": "kubeflow.org/v1", "kind": "TFJob",
-                "metadata": {"name": check_job_name(job_name)}, "spec": spec}
-    return yaml.safe_dump(manifest, sort_keys=False)
+    manifest = {"apiVersion": "kubeflow.org/v1", "kind": "TFJob", "metadata": {"name": job_name}, "spec": spec}
+    if data_service_workers is None:
+        return yaml.safe_dump(manifest, sort_keys=False)
+    return yaml.safe_dump_all([manifest, *data_service(job_name, image, data_service_workers)], sort_keys=False)
+
+
+def data_service(job_name: str, image: str, workers: int) -> list:
+    """A tf.data service beside a TFJob: the dispatcher (a Deployment of 1 behind the Service `<job>-data`, the
+    address the training command gets) and `workers` tf.data workers (a Deployment), each registering with its pod
+    IP. The TFJob replica types (Chief, Worker, PS, Evaluator) have no place for it, and the operator's
+    cleanPodPolicy does not reach it: `kubectl delete -f` the same file when the job is done."""
+    if workers < 1:
+        raise UserError(f"--data_service_workers must be >= 1, got {workers}")
+    name, labels = f"{job_name}-data", {"app": f"{job_name}-data", "role": "dispatcher"}
+    dispatcher = ["python", "-m", "dtf.data_service", "dispatcher", str(DISPATCHER_PORT)]
+    worker = ["python", "-m", "dtf.data_service", "worker", str(WORKER_PORT), f"{name}:{DISPATCHER_PORT}",
+              "$(POD_IP)"]  # Kubernetes expands $(VAR) in a container's command
+    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+    def deployment(suffix, replicas, role, command, port, env=None):
+        container = {"name": "data-service", "image": image, "command": command,
+                     "ports": [{"containerPort": port}], **({"env": env} if env else {})}
+        selector = {"app": f"{job_name}-data", "role": role}
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"{name}-{suffix}"},
+                "spec": {"replicas": replicas, "selector": {"matchLabels": selector},
+                         "template": {"metadata": {"labels": selector}, "spec": {"containers": [container]}}}}
+
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+               "spec": {"selector": labels, "ports": [{"port": DISPATCHER_PORT, "targetPort": DISPATCHER_PORT}]}}
+    return [service, deployment("dispatcher", 1, "dispatcher", dispatcher, DISPATCHER_PORT),
+            deployment("workers", workers, "worker", worker, WORKER_PORT, [pod_ip])]

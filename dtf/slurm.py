@@ -93,9 +93,10 @@ def _check_name(flag: str, value: Optional[str], example: str):
 def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Optional[int] = None,
            tasks_per_node: Optional[int] = None, gres: Optional[str] = None, time: Optional[str] = None,
            timeout_s: Optional[float] = None, partition: Optional[str] = None, output: Optional[str] = None,
-           max_restarts: Optional[int] = None, evaluator: Optional[Sequence[str]] = None) -> str:
+           max_restarts: Optional[int] = None, evaluator: Optional[Sequence[str]] = None,
+           data_service_workers: Optional[int] = None) -> str:
     """The sbatch script running `command` as `num_workers` tasks in one srun step (and `evaluator`, if given, as a
-    step beside it); see the module doc.
+    step beside it; with `data_service_workers`, a tf.data service for the job); see the module doc.
 
     `time` is Slurm's time limit; `timeout_s` (the launcher's --timeout) is the same limit in seconds."""
     nodes, tasks_per_node = layout(num_workers, nodes, tasks_per_node)
@@ -129,6 +130,7 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
     if gpus is not None and tasks_per_node > 1:
         srun.append(f"--gpu-bind=per_task:{gpus // tasks_per_node}")
     srun += ["python", "-m", "dtf.slurm_task", "--", *command]
+    step = shlex.join(srun) + (' "--data_service=grpc://$ds_host:$ds_port"' if data_service_workers else "")
     never = "|".join(str(s) for s in exitcodes.NEVER_RESTART)
     evaluator_lines, done = [], ["exit 0"]
     if evaluator:
@@ -149,13 +151,14 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
              "set -u",
              "steplog=$(mktemp)  # each step's output (also in the job log): which task failed first, and how",
              "trap 'rm -f \"$steplog\"' EXIT",
+             *_data_service_lines(data_service_workers),
              f"max_restarts={max_restarts or 0}",
              "restarts=0",
              "start=${SLURM_RESTART_COUNT:-0}  # a requeued job starts on other ports too",
              *evaluator_lines,
              "while true; do",
              "  export DTF_LAUNCH_RESTART=$start",
-             f"  {shlex.join(srun)} 2>&1 | tee \"$steplog\"",
+             f"  {step} 2>&1 | tee \"$steplog\"",
              "  status=${PIPESTATUS[0]}  # srun's: the highest of all tasks, e.g. a stopped peer's 143",
              "  first=$(sed -n 's/^ *[0-9]*: dtf\\.slurm_task: exited with status \\([1-9][0-9]*\\)$/\\1/p' \"$steplog\" | head -n 1)",
              "  status=${first:-$status}",
@@ -196,3 +199,23 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
                   "  evaluator=$!",
                   "done"]
     return "\n".join(lines) + "\n"
+
+
+def _data_service_lines(workers: Optional[int]) -> list:
+    """A tf.data service for the job's lifetime (dtf.data_service): a dispatcher and `workers` workers as background
+    steps on the first node, on ports 11000-11999 (below the workers' block, see dtf.cluster.slurm_port), checked
+    before training and stopped when the script exits."""
+    if not workers:
+        return []
+    if workers > 19:
+        raise UserError(f"--data_service_workers={workers} is over 19, the ports dtf gives the service of one job")
+    serve = 'srun --overlap --nodes=1 --ntasks=1 -w "$ds_host" python -m dtf.data_service'
+    return ["ds_host=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)",
+            "ds_port=$((11000 + SLURM_JOB_ID % 50 * 20))  # the dispatcher; worker i on ds_port + i",
+            f"{serve} dispatcher \"$ds_port\" &",
+            f"for i in $(seq {workers}); do",
+            f'  {serve} worker "$((ds_port + i))" "$ds_host:$ds_port" "$ds_host" &',
+            "done",
+            "trap 'rm -f \"$steplog\"; kill $(jobs -p) 2>/dev/null' EXIT",
+            f'python -m dtf.data_service wait "$ds_host:$ds_port" $(for i in $(seq {workers}); do '
+            'echo "$ds_host:$((ds_port + i))"; done) || exit 2']

@@ -44,9 +44,10 @@ class TrainingScalars(keras.callbacks.Callback):
         if self._epoch_steps % self.every == 0:
             now = time.perf_counter()
             seconds, steps = now - self._window_start, self._window_steps
-            step = int(self.model.optimizer.iterations.numpy())
-            with self._writer.as_default(step=step), tf.summary.record_if(True):  # Keras's record_if is global
-                tf.summary.scalar("learning_rate", scaling.current_lr(self.model.optimizer))
+            # Step and LR stay tensors: the summary ops read them, Python never waits for their values.
+            optimizer = self.model.optimizer
+            with self._writer.as_default(step=optimizer.iterations), tf.summary.record_if(True):  # record_if: Keras's is global
+                tf.summary.scalar("learning_rate", tf.cast(optimizer.learning_rate, tf.float32))
                 tf.summary.scalar("examples_per_sec", steps * self.global_batch_size / seconds)
                 tf.summary.scalar("step_time_ms", 1000 * seconds / steps)
             self._window_start, self._window_steps = now, 0

@@ -16,6 +16,7 @@ from dtf import atomic
 from dtf import callbacks as callbacks_lib
 from dtf import cluster as cluster_lib
 from dtf import data as data_lib
+from dtf import data_service as data_service_lib
 from dtf import losses, noise_scale, preemption, scaling
 from dtf import progress as progress_lib
 from dtf import strategy as strategy_lib
@@ -69,11 +70,13 @@ def read_backup(model_dir: str):
 class Experiment:
     """The parts of one run, built in dtf's one order; each method is used by both the runner and the tuner.
 
-    `task` defaults to the one the config names (`--task`, else the built-in task of `--dataset`/`--model`)."""
+    `task` defaults to the one the config names (`--task`, else the built-in task of `--dataset`/`--model`).
+    `data_service`: the running service --data_service names (dtf.data_service.running), for training input."""
 
     def __init__(self, config: Config, strategy: tf.distribute.Strategy, cluster: cluster_lib.ClusterInfo,
-                 task: Optional[task_lib.Task] = None):
+                 task: Optional[task_lib.Task] = None, data_service: Optional[data_service_lib.Service] = None):
         self.config, self.strategy, self.cluster = config, strategy, cluster
+        self.data_service = data_service
         self.task = task or task_lib.from_config(config)
         self.task_label = (f"--task={config.task}" if config.task else
                            task_lib.BUILTIN if task is None else f"task {type(task).__qualname__}")
@@ -119,7 +122,7 @@ class Experiment:
             self.strategy, self.train_split, self.plan.global_batch_size, training=True, seed=c.seed,
             shuffle_buffer=c.shuffle_buffer, cache=c.cache, deterministic=c.deterministic,
             initial_epoch=initial_epoch, initial_step=initial_step, steps_per_epoch=self.steps_per_epoch,
-            sharding=c.input_sharding, preprocess_batch=self._preprocess_batch(True))
+            sharding=c.input_sharding, preprocess_batch=self._preprocess_batch(True), data_service=self.data_service)
 
     def eval_data(self) -> Optional[data_lib.DistributedData]:
         if self.eval_split is None:
@@ -247,20 +250,21 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
     strategy = strategy or create_strategy(config)
     stop = preemption.Preemption(cluster, config.preemption_grace_s)  # after the strategy: TF takes SIGTERM there
     try:  # until training is over, SIGTERM stops every worker at one agreed step (dtf.preemption)
-        exp = Experiment(config, strategy, cluster, task)
-        resolved = exp.resolved_config()
-        log.info(exp.describe())
-        log_dir = os.path.join(config.model_dir, "tensorboard")
-        model = exp.build_model()
-        initial_epoch, initial_step = read_backup(config.model_dir)
-        if initial_epoch or initial_step:
-            log.info(f"resuming from the backup in {config.model_dir}/{BACKUP_DIR}: epoch {initial_epoch + 1}, "
-                     f"step {initial_step}")
-        if cluster.is_chief:
-            write_run_metadata(log_dir, resolved)
-        callbacks = exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR))
-        stop.attach(exp.steps_per_epoch, callbacks)
-        history = exp.fit(model, [*callbacks, stop], initial_epoch, initial_step)
+        with data_service_lib.running(config.data_service) as service:  # training input only; evaluation is local
+            exp = Experiment(config, strategy, cluster, task, service)
+            resolved = exp.resolved_config()
+            log.info(exp.describe())
+            log_dir = os.path.join(config.model_dir, "tensorboard")
+            model = exp.build_model()
+            initial_epoch, initial_step = read_backup(config.model_dir)
+            if initial_epoch or initial_step:
+                log.info(f"resuming from the backup in {config.model_dir}/{BACKUP_DIR}: epoch {initial_epoch + 1}, "
+                         f"step {initial_step}")
+            if cluster.is_chief:
+                write_run_metadata(log_dir, resolved)
+            callbacks = exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR))
+            stop.attach(exp.steps_per_epoch, callbacks)
+            history = exp.fit(model, [*callbacks, stop], initial_epoch, initial_step)
     finally:
         stop.close()
     final = exp.evaluate(model)

@@ -36,6 +36,7 @@ import time
 from typing import Dict, List, Optional
 
 from dtf import cli
+from dtf import data_service
 from dtf.objectives import MAXIMIZED_WORDS, MINIMIZED_WORDS, objective_direction
 from dtf import tune_distributed as distributed
 
@@ -215,6 +216,7 @@ def _make_hypermodel_class():
             self.trials_run = []  # trial ids this process trained
             self.exp = None
             self.stdout = sys.stdout  # trial progress goes here, past search()'s redirect of keras-tuner's display
+            self.data_service = None  # the running --data_service while trials train (see search below)
 
         def overrides(self, hp) -> dict:
             out = {}
@@ -240,7 +242,7 @@ def _make_hypermodel_class():
 
         def build(self, hp):
             config = dtf_flags.config_from_flags(**self.overrides(hp))
-            self.exp = train.Experiment(config, self.strategy, self.cluster, self.task)
+            self.exp = train.Experiment(config, self.strategy, self.cluster, self.task, self.data_service)
             return self.exp.build_model()
 
         def resume_from_parent(self, hp, model) -> int:
@@ -572,8 +574,9 @@ def _body(rest):
         import io
 
         try:  # keras-tuner prints a progress display per trial; keep stdout for dtf's own table
-            with contextlib.redirect_stdout(io.StringIO()):
-                tuner.search(verbose=0)
+            with data_service.running(config.data_service) as hypermodel.data_service:  # one service for all trials
+                with contextlib.redirect_stdout(io.StringIO()):
+                    tuner.search(verbose=0)
         except objective_not_reported as e:
             raise UserError(str(e)) from None
 
