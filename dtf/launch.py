@@ -26,7 +26,8 @@ launcher therefore runs the group in a private network namespace with loopback o
 where nothing outside this host can reach them (nor can the workers reach the network).
 
 `--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests,
-dtf.slurm); `--data_service_workers=N` adds a tf.data service to it (dtf.data_service). `--backend=ray` runs it on Ray Train workers instead of local processes (see dtf.ray).
+dtf.slurm); `--data_service_workers=N` adds a tf.data service to it (dtf.data_service). `--backend=ray` runs it
+on Ray Train workers instead of local processes (see dtf.ray).
 """
 import json
 import os
