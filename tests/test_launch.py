@@ -51,6 +51,15 @@ def _script(tmp_path, name: str, code: str) -> str:
     return str(path)
 
 
+def launch_to_success(args, cwd, timeout_s: float):
+    """Run `python -m dtf.launch ARGS` to the end (a reference run); fail the test with its output unless it exits 0."""
+    launcher = Launcher(list(args), str(cwd))
+    try:
+        assert launcher.wait(timeout_s) == 0, launcher.output
+    finally:
+        launcher.cleanup()
+
+
 class Launcher:
     """`python -m dtf.launch` in a subprocess; collects its output, the worker pids it announces, and every
     descendant it has been seen with, so that the test can check all of them are gone."""

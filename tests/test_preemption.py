@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from test_launch import Launcher, _env, _script
+from test_launch import Launcher, _env, _script, launch_to_success
 
 GRACE_S = 25.0  # dtf.exitcodes.PREEMPTION_GRACE_S, the workers' default --preemption_grace_s
 STOPPED = re.compile(r"preempted: stopped at epoch (\d+), step (\d+)")
@@ -57,11 +57,7 @@ def launchers(tmp_path):
 def reference_2_workers(tmp_path_factory):
     """The uninterrupted 2-worker run, shared by the chief and the worker-1 cases."""
     model_dir = tmp_path_factory.mktemp("reference") / "run"
-    launcher = Launcher(["--num_workers=2", "--timeout=200", "--", *_run_command(model_dir)], str(model_dir.parent))
-    try:
-        assert launcher.wait(210) == 0, launcher.output
-    finally:
-        launcher.cleanup()
+    launch_to_success(["--num_workers=2", "--timeout=200", "--", *_run_command(model_dir)], model_dir.parent, 210)
     return model_dir
 
 

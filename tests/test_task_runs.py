@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_launch import Launcher
+from test_launch import Launcher, launch_to_success
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_TASK = f"{REPO}/tests/tasks_for_tests.py:Regression"
@@ -123,11 +123,7 @@ def task_runs(tmp_path_factory):
                         ("two", ["--strategy=mirrored", "--num_cpu_devices=2"])):
         proc = run("dtf.run", _dtf_run(root / name, *extra)[3:])
         assert proc.returncode == 0, proc.stderr[-3000:]
-    launcher = Launcher(["--num_workers=2", "--timeout=300", "--", *_dtf_run(root / "workers")], str(root))
-    try:
-        assert launcher.wait(320) == 0, launcher.output
-    finally:
-        launcher.cleanup()
+    launch_to_success(["--num_workers=2", "--timeout=300", "--", *_dtf_run(root / "workers")], root, 320)
     return root
 
 
