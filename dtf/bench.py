@@ -7,6 +7,7 @@ Every `dtf.run` flag works (any experiment or --task); the benchmark runs that e
               compute-bound, thresholds printed) and advice. Writes MODEL_DIR/bottleneck.json.
   overhead    the same model, data and strategy trained by dtf and by a hand-written Keras + tf.distribute script,
               alternating after warm-up: each one's steady-state step time and the ratio (goal: dtf >= 0.98).
+              Epochs are what dtf.run trains: one pass over the data, or --steps_per_epoch.
   scaling     examples/s at --bench_replicas (default 1,2,4) replicas at a fixed per-replica batch (weak) and a fixed
               global batch (strong), each replica count in its own interpreter (mirrored on simulated CPU devices,
               or with --num_workers=N real worker processes, 1, 2, 4, ... N, through the launcher); the alpha-beta
@@ -29,8 +30,8 @@ def _define(argv):
     dtf_flags.define_flags()
     kw = dict(module_name="dtf: bench")
     if "bench_steps" not in flags.FLAGS:
-        flags.DEFINE_integer("bench_steps", 50, "Timed steps per run (overhead: steps per epoch, as --steps_per_epoch).",
-                             lower_bound=2, **kw)
+        flags.DEFINE_integer("bench_steps", 50, "bottleneck, scaling: timed steps per run (overhead times whole "
+                             "epochs: one pass each, or --steps_per_epoch).", lower_bound=2, **kw)
         flags.DEFINE_integer("bench_warmup_steps", 10, "Untimed steps first (traces, fills buffers).", lower_bound=1,
                              **kw)
         flags.DEFINE_integer("bench_repeats", 3, "Alternating repeats; the median counts.", lower_bound=1, **kw)
@@ -105,7 +106,7 @@ def overhead(config, flag_values) -> dict:
     from dtf import overhead as lib
 
     epochs = flag_values.bench_epochs
-    config = config.replace(epochs=epochs, steps_per_epoch=flag_values.bench_steps, validation_freq=epochs + 1)
+    config = config.replace(epochs=epochs, validation_freq=epochs + 1)  # epochs as dtf.run trains them
     exp = _experiment(config)
     result = lib.compare(exp, repeats=flag_values.bench_repeats)
     if exp.cluster.is_chief:

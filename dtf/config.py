@@ -62,7 +62,8 @@ class Config:
                              "enough, else by records), or batch (every worker reads all of it and keeps its slice of "
                              "each global batch: the single-device batch sequence for any cluster size).",
                              SHARDINGS)
-    shuffle_buffer: int = _f(10_000, "data", "Shuffle buffer (examples).", positive=True)
+    shuffle_buffer: int = _f(10_000, "data", "Shuffle buffer (examples); the next epoch's fills while this one "
+                             "trains, so two are held.", positive=True)
     cache: bool = _f(False, "data", "Cache decoded examples in memory after the first epoch.")
     deterministic: bool = _f(True, "data", "Fixed element order in tf.data (needed for reproducible runs).")
     data_service: Optional[str] = _f(None, "data", "Produce training batches in a tf.data service: grpc://HOST:PORT "

@@ -93,7 +93,7 @@ def test_bottleneck_cli_on_four_replicas_writes_its_json(tmp_path, capsys):
 def test_overhead_reduced_run_prints_both_step_times(tmp_path, capsys):
     code, out, err = _run_cli(["dtf.bench", "overhead", f"--task={tasks_for_tests_spec()}", "--strategy=one_device",
                                "--global_batch_size=32", f"--model_dir={tmp_path}",
-                               "--bench_steps=4", "--bench_epochs=2", "--bench_repeats=1"], capsys)
+                               "--steps_per_epoch=4", "--bench_epochs=2", "--bench_repeats=1"], capsys)
     assert code == 0, err
     print(out)
     times = {name: float(ms) for name, ms in re.findall(r"^\s*(dtf|hand-written):\s+([0-9.]+) ms/step", out, re.M)}

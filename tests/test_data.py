@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -150,6 +151,29 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert epochs(seed=3, count=2, initial_epoch=1) == first[1:]
     resumed = epochs(seed=3, count=1, initial_epoch=1, initial_step=2)[0]
     assert resumed[:3] == first[1][2:]
+
+
+def test_the_next_epoch_is_started_while_this_one_is_read():
+    # An epoch begins by filling its shuffle buffer; started only when the previous epoch ends, that stalled training
+    # at every epoch boundary. The order must stay exactly flat_map's.
+    produced = tf.Variable([0, 0, 0], dtype=tf.int64)
+
+    def epoch(e):
+        def counted(i):
+            with tf.control_dependencies([produced.scatter_nd_add(tf.reshape(e, [1, 1]), tf.ones([1], tf.int64))]):
+                return i + 10 * e
+
+        return tf.data.Dataset.range(5).map(counted)
+
+    chained = data._one_after_another(tf.data.Dataset.range(3), epoch, ready=2)
+    it = iter(chained)
+    first = [int(next(it))]
+    deadline = time.monotonic() + 10
+    while int(produced[1].numpy()) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert int(produced[1].numpy()) >= 1, "epoch 1 was not started while epoch 0 was read"
+    assert first + [int(x) for x in it] == [int(x) for x in tf.data.Dataset.range(3).flat_map(
+        lambda e: tf.data.Dataset.range(5).map(lambda i: i + 10 * e))]
 
 
 def test_pipelines_split_every_epoch_disjointly_by_files_and_by_records(id_files):
