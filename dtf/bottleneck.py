@@ -15,8 +15,7 @@ from typing import Dict, List
 
 import tensorflow as tf
 
-MODES = ("training", "input", "end_to_end")  # in this order: the input runs drain what the real pipeline
-# prefetched during the in-memory runs, so the end-to-end runs start without a head start
+MODES = ("training", "input", "end_to_end")
 INPUT_BOUND_RATIO, COMPUTE_BOUND_RATIO = 1.25, 2.0
 # Waiting below this is not called input-bound: on a shared machine (b) and (c) drift by ~15% between runs.
 INPUT_BOUND_WAIT = 0.25
@@ -62,33 +61,39 @@ def measure(exp, model, steps: int = 50, warmup_steps: int = 10, repeats: int = 
     model.fit(data.dataset, steps_per_epoch=warmup_steps, epochs=1, shuffle=False, verbose=0)  # builds, traces the step
     train_step = model.train_function
     per_call = model.steps_per_execution
-    real = iter(data.dataset)
-    memory = iter(in_memory(exp.strategy, next(real)))
-    calls = max(1, -(-steps // per_call))
+    memory = iter(in_memory(exp.strategy, next(iter(data.dataset))))
+    # Each epoch starts by filling a shuffle buffer (while the previous epoch trains). Epochs of at most `steps` steps
+    # are timed whole, past the first epoch, so a window holds one fill per epoch as training does; longer ones are
+    # timed within an epoch (a pipeline whose cost is that fill then looks faster than it is).
+    epoch = data.steps_per_epoch
+    whole = epoch <= steps
+    window, lead = (-(-steps // epoch) * epoch, epoch + warmup_steps) if whole else (steps, warmup_steps)
+    calls, warmup_calls = max(1, -(-window // per_call)), max(1, -(-lead // per_call))
 
     @tf.function
     def pull(iterator):  # consumes a step's batches in a graph, as the train step does
         return tf.nest.flatten(exp.strategy.experimental_local_results(iterator.get_next()))[0][:1]
 
-    def run(mode: str, n_calls: int):
+    def run(mode: str, iterator, n_calls: int):
         if mode == "input":
             for _ in range(n_calls * per_call):
-                last = pull(real)
+                last = pull(iterator)
             last.numpy()
             return
-        iterator = real if mode == "end_to_end" else memory
         outputs = None
         for _ in range(n_calls):
             outputs = train_step(iterator)
         _sync(outputs)
 
     seconds = {mode: [] for mode in MODES}
-    for mode in MODES:
-        run(mode, max(1, -(-warmup_steps // per_call)))
     for _ in range(repeats):
         for mode in MODES:
+            # Input and end-to-end runs read a fresh pipeline: one left idle between runs would work ahead (its
+            # prefetch buffers, the next epoch) and the timed run would count that as speed.
+            iterator = memory if mode == "training" else iter(data.dataset)
+            run(mode, iterator, warmup_calls)
             start = time.perf_counter()
-            run(mode, calls)
+            run(mode, iterator, calls)
             seconds[mode].append(time.perf_counter() - start)
     n = calls * per_call
     batch = exp.plan.global_batch_size
@@ -102,7 +107,7 @@ def measure(exp, model, steps: int = 50, warmup_steps: int = 10, repeats: int = 
         "training_step_ms": 1000 * median["training"] / n, "end_to_end_step_ms": 1000 * median["end_to_end"] / n,
         "input_wait_fraction": wait, "input_to_training_ratio": eps["input"] / eps["training"],
         "verdict": verdict(eps["input"], eps["training"], wait), "thresholds": THRESHOLDS,
-        "steps": n, "warmup_steps": warmup_steps, "repeats": repeats,
+        "steps": n, "warmup_steps": warmup_calls * per_call, "whole_epochs": whole, "repeats": repeats,
         "runs_s": seconds, "global_batch_size": batch, "per_replica_batch_size": exp.plan.per_replica_batch_size,
         "num_replicas": exp.plan.num_replicas, "strategy": type(exp.strategy).__name__,
     }
