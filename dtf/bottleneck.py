@@ -17,6 +17,7 @@ import tensorflow as tf
 
 MODES = ("training", "input", "end_to_end")
 INPUT_BOUND_RATIO, COMPUTE_BOUND_RATIO = 1.25, 2.0
+WHOLE_EPOCHS_UP_TO = 4  # x the timed steps: longer epochs are timed inside one (bounds the run time)
 # Waiting below this is not called input-bound: on a shared machine (b) and (c) drift by ~15% between runs.
 INPUT_BOUND_WAIT = 0.25
 THRESHOLDS = (f"input-bound: input < {INPUT_BOUND_RATIO:g} x training examples/s, or >= {INPUT_BOUND_WAIT:.0%} of "
@@ -62,11 +63,11 @@ def measure(exp, model, steps: int = 50, warmup_steps: int = 10, repeats: int = 
     train_step = model.train_function
     per_call = model.steps_per_execution
     memory = iter(in_memory(exp.strategy, next(iter(data.dataset))))
-    # Each epoch starts by filling a shuffle buffer (while the previous epoch trains). Epochs of at most `steps` steps
-    # are timed whole, past the first epoch, so a window holds one fill per epoch as training does; longer ones are
-    # timed within an epoch (a pipeline whose cost is that fill then looks faster than it is).
+    # Each epoch starts by filling a shuffle buffer (while the previous epoch trains). Epochs of at most
+    # WHOLE_EPOCHS_UP_TO x `steps` steps are timed whole, past the first epoch, so a window holds one fill per epoch as
+    # training does; longer ones are timed within an epoch (a pipeline whose cost is that fill then looks faster).
     epoch = data.steps_per_epoch
-    whole = epoch <= steps
+    whole = epoch <= WHOLE_EPOCHS_UP_TO * steps
     window, lead = (-(-steps // epoch) * epoch, epoch + warmup_steps) if whole else (steps, warmup_steps)
     calls, warmup_calls = max(1, -(-window // per_call)), max(1, -(-lead // per_call))
 
