@@ -83,7 +83,8 @@ flags.DEFINE_string("job_name", None, f"Job name for --emit (default {manifests.
                     flag_values=FLAGS)
 flags.DEFINE_enum("backend", "local", ["local", "ray"], "Where the workers run: local processes on 127.0.0.1, or Ray "
                   "Train workers (dtf.ray; needs pip install -e '.[ray]').", flag_values=FLAGS)
-flags.DEFINE_string("address", None, "--backend=ray: the Ray cluster to join (default: start a local one).",
+flags.DEFINE_string("address", None, "--backend=ray: the Ray cluster to join (default: start a local one). The "
+                    "workers run the command in this directory, which every node must have (shared storage).",
                     flag_values=FLAGS)
 # --emit=slurm only (see dtf.slurm for the layout and restart rules).
 flags.DEFINE_integer("nodes", None, "--emit=slurm: nodes (default: one task per node, so --num_workers).",
