@@ -44,14 +44,20 @@ def write_json(path: str, obj):
 
 
 def unwritable(directory: str):
-    """None when `directory` (on any TensorFlow filesystem) can be created and written, else why not; a probe file
-    is written and removed, nothing is left behind but the directory."""
-    probe = _temporary_name(os.path.join(directory, "write-check"))
+    """None when `directory` (on any TensorFlow filesystem) can be created and written, else why not. Nothing is
+    left behind, not even the directory: a probe is made and removed in it, or in its nearest existing parent."""
+    existing = directory
+    while not tf.io.gfile.exists(existing):
+        parent = os.path.dirname(existing.rstrip("/"))
+        if not parent or parent == existing or ("://" in existing and "://" not in parent):
+            break  # a bucket or root that does not list as existing: let the probe say
+        existing = parent
+    probe = _temporary_name(os.path.join(existing, "write-check"))
     try:
-        tf.io.gfile.makedirs(directory)
-        with tf.io.gfile.GFile(probe, "w") as f:
-            f.write("")
-        tf.io.gfile.remove(probe)
+        if tf.io.gfile.exists(existing) and not tf.io.gfile.isdir(existing):
+            return f"{existing} is a file"
+        tf.io.gfile.makedirs(probe)
+        tf.io.gfile.rmtree(probe)
     except (OSError, tf.errors.OpError) as e:
         return getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
     return None

@@ -10,6 +10,7 @@ All directory I/O goes through `tf.io.gfile`, so the real directory may be on an
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import uuid
@@ -55,6 +56,9 @@ class Backup:
     epoch: int  # the epoch to run next (or the one in progress when steps_done > 0)
     steps_done: int  # steps of that epoch already trained
     weights: str  # path of the weights file
+    plan: Optional[dict] = None  # the run's plan (dtf.rundir; None: written by a dtf that did not record it)
+    epochs: Optional[int] = None  # the epochs the run was planned for
+    diverged: bool = False  # the run went on past this backup and diverged (this one is its last finite state)
 
 
 def _sha256(path: str) -> str:
@@ -72,6 +76,7 @@ def _read_pair(backup_dir: str, name: str) -> Backup:
             meta = json.loads(f.read())
         epoch, steps_done = int(meta["epoch"]), int(meta.get("steps_done", 0))
         weights_name = meta.get("weights", _LEGACY_WEIGHTS)
+        epochs = int(meta["epochs"]) if "epochs" in meta else None
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{name} is not valid backup metadata ({type(e).__name__}: {e})") from None
     weights = os.path.join(backup_dir, weights_name)
@@ -79,7 +84,7 @@ def _read_pair(backup_dir: str, name: str) -> Backup:
         raise ValueError(f"{name} names {weights_name}, which is missing")
     if "sha256" in meta and _sha256(weights) != meta["sha256"]:
         raise ValueError(f"{weights_name} does not match the checksum in {name} (a partial write)")
-    return Backup(epoch, steps_done, weights)
+    return Backup(epoch, steps_done, weights, meta.get("plan"), epochs, bool(meta.get("diverged")))
 
 
 _warned = set()
@@ -107,10 +112,22 @@ def latest_backup(backup_dir: str) -> Optional[Backup]:
                 _warned.add(message)
                 log.warning(message)
         return backup
+    if not problems and tf.io.gfile.isdir(backup_dir):
+        orphans = sorted(name for name in tf.io.gfile.listdir(backup_dir)
+                         if name.startswith(_WEIGHTS_PREFIX) or name == _LEGACY_WEIGHTS)
+        if orphans:
+            problems.append(f"{orphans[-1]} has no {METADATA} to say where it stands")
     if problems:
         raise UserError(f"the backup in {backup_dir} cannot be resumed: {'; '.join(problems)}; restore it from a "
                         f"copy, or delete {backup_dir} to train again from step 0")
     return None
+
+
+def restore(model: keras.Model, backup: Backup):
+    """Load a backup's weights and optimizer state into a compiled model."""
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
+    model.load_weights(backup.weights)
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -119,19 +136,27 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     same job does not train again from scratch."""
 
     def __init__(self, backup_dir: str, save_freq="epoch", delete_checkpoint: bool = False,
-                 cluster: Optional[cluster_lib.ClusterInfo] = None):
+                 cluster: Optional[cluster_lib.ClusterInfo] = None, plan: Optional[dict] = None,
+                 epochs: Optional[int] = None):
+        """`plan`, `epochs`: what the run is (dtf.rundir), recorded with every backup so a rerun can tell."""
         self._real_dir = backup_dir
         self._own_dir = write_dir(backup_dir, cluster)
+        self._record = {"plan": plan, "epochs": epochs} if plan is not None else {}
+        self._finite = True
         super().__init__(self._own_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
 
+    # The backup to restore at the start of training: None reads the newest whole one (`latest_backup`); dtf.run sets
+    # the one its rerun decision read (dtf.rundir), or False to start fresh, so every worker restores the same one.
+    restore_from = None
+
     def on_train_begin(self, logs=None):
-        """Restore from the newest whole backup in the chief's directory (see `latest_backup`)."""
-        backup = latest_backup(self._real_dir) if self.restore_on_begin else None
+        """Restore from `restore_from`, by default the newest whole backup in the chief's directory."""
+        if not self.restore_on_begin or self.restore_from is False:
+            return
+        backup = self.restore_from or latest_backup(self._real_dir)
         if backup is None:
             return
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)  # its variables must exist to be loaded
-        self.model.load_weights(backup.weights)
+        restore(self.model, backup)
         self.model._initial_epoch = backup.epoch
 
     # Keras records the epoch only, so a restore from a mid-epoch backup would replay the whole epoch on top of
@@ -148,19 +173,30 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps_done = self.step_offset + batch + 1
+        self._check_finite(logs)
         super().on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         self._current_epoch, self._steps_done, self._last_batch_seen = epoch + 1, 0, 0
+        self._check_finite(logs)
         self._save_model()
+
+    def _check_finite(self, logs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._finite = False
 
     def _save_model(self):
         """Weights under a new name, then the metadata naming them replaces the old atomically (the old is kept as
-        PREVIOUS), then files no pair names are deleted. See METADATA for why a kill at any step is safe."""
+        PREVIOUS), then files no pair names are deleted. See METADATA for why a kill at any step is safe. Once the
+        loss is NaN/inf nothing is saved: the last backup stays the last finite state (marked at train end)."""
+        if not self._finite:
+            return
         directory = self.backup_dir
         tf.io.gfile.makedirs(directory)
         name = f"{_WEIGHTS_PREFIX}e{self._current_epoch}-s{self._steps_done}-{uuid.uuid4().hex[:8]}.weights.h5"
-        self.model.save_weights(os.path.join(directory, name))
+        with atomic.replacing(os.path.join(directory, name)) as tmp:  # a weights file without metadata is an error
+            self.model.save_weights(tmp)
         keep = {name}
         try:
             previous = _read_pair(directory, METADATA)
@@ -172,15 +208,26 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             keep.add(os.path.basename(previous.weights))
         atomic.write_json(os.path.join(directory, METADATA), {
             "epoch": self._current_epoch, "steps_done": self._steps_done, "weights": name,
-            "sha256": _sha256(os.path.join(directory, name))})
+            "sha256": _sha256(os.path.join(directory, name)), **self._record})
         for leftover in tf.io.gfile.listdir(directory):
             if leftover not in keep and (leftover.startswith(_WEIGHTS_PREFIX) or atomic.is_temporary(leftover)
                                          or leftover == _LEGACY_WEIGHTS):
                 tf.io.gfile.remove(os.path.join(directory, leftover))
 
     def on_train_end(self, logs=None):
+        if not self._finite:
+            self._mark_diverged()
         super().on_train_end(logs)
         remove_if_private(self._own_dir, self._real_dir)
+
+    def _mark_diverged(self):
+        """Record in the last finite backup that the run diverged after it (a rerun may then change the LR)."""
+        path = os.path.join(self.backup_dir, METADATA)
+        if not tf.io.gfile.exists(path):
+            return
+        with tf.io.gfile.GFile(path) as f:
+            meta = json.loads(f.read())
+        atomic.write_json(path, {**meta, "diverged": True})
 
 
 class ModelCheckpoint(keras.callbacks.ModelCheckpoint):

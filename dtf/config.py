@@ -161,12 +161,23 @@ class Config:
                 lines.extend(value)
             elif isinstance(value, bool):
                 lines.append(f"--{field.name}" if value else f"--no{field.name}")
-            elif isinstance(value, tuple):
-                if value:
-                    lines.append(f"--{field.name}={','.join(str(v) for v in value)}")
-            else:
-                lines.append(f"--{field.name}={value}")
+            elif not isinstance(value, tuple) or value:
+                lines.append(f"--{field.name}={_spelled(value)}")
         return "\n".join(lines) + "\n"
+
+    def flag_values(self) -> dict:
+        """{field name: value as flags.txt spells it} for every field that is set (task flags joined by spaces)."""
+        return {field.name: (" ".join(value) if not field.metadata["flag"] else _spelled(value))
+                for field in dataclasses.fields(self)
+                for value in [getattr(self, field.name)] if value is not None and value != ()}
+
+
+def _spelled(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def check_value(field: dataclasses.Field, value):

@@ -23,6 +23,10 @@ def _define(argv):
                           module_name="dtf: evaluator")
         flags.DEFINE_string("best_metric", None, "Evaluator: keep the checkpoint with the best value of this metric "
                             "(default loss) as best.keras.", module_name="dtf: evaluator")
+        flags.DEFINE_boolean("restart", False, "If --model_dir holds a different run (other flags), move it aside "
+                             "to MODEL_DIR.before-restart-TIME and train this one from step 0 (without it: refused). "
+                             "The same run is resumed or left as it is; not written to flags.txt.",
+                             module_name="dtf: outputs")
     dtf_flags.define_task_flags(argv)
 
 
@@ -52,7 +56,13 @@ def _body(rest):
         results = evaluator.evaluate_continuously(config, metric, direction)
         print(f"dtf: evaluated {len(results['checkpoints'])} checkpoint(s); best: {results['best']}")
         return 0
-    summary = run_experiment(config)
+    summary = run_experiment(config, restart=flags.FLAGS.restart)
+    if summary.get("already_finished"):
+        if cluster_lib.parse_tf_config().is_chief:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in summary["final_metrics"].items() if k not in EPOCH_SCALARS)
+            print(f"dtf: {config.model_dir} already holds this run, finished ({summary['epochs']} epochs): {shown}; "
+                  "nothing trained or written (more --epochs continue it)")
+        return 0
     if cluster_lib.parse_tf_config().is_chief:
         shown = " ".join(f"{k}={v:.4f}" for k, v in summary["final_metrics"].items() if k not in EPOCH_SCALARS)
         print(f"dtf: done in {summary['wall_time_s']:.1f}s: {shown} examples/sec={summary['examples_per_sec']:.0f}")

@@ -17,7 +17,7 @@ from dtf import callbacks as callbacks_lib
 from dtf import cluster as cluster_lib
 from dtf import data as data_lib
 from dtf import data_service as data_service_lib
-from dtf import losses, noise_scale, preemption, scaling
+from dtf import losses, noise_scale, preemption, rundir, scaling
 from dtf import progress as progress_lib
 from dtf import strategy as strategy_lib
 from dtf import task as task_lib
@@ -30,7 +30,7 @@ from dtf.summaries import TrainingScalars, write_run_metadata
 log = get_logger(__name__)
 
 DEFAULT_GLOBAL_BATCH = 64
-BACKUP_DIR = "backup"
+BACKUP_DIR = rundir.BACKUP_DIR
 
 
 # EVAL_NOTE: evaluation datasets are finite and read to the end (no `steps`): with `steps` Keras keeps one iterator
@@ -58,13 +58,6 @@ def check_model_dir(path: str, flag: str = "--model_dir"):
     reason = atomic.unwritable(path)
     if reason:
         raise UserError(f"{flag}={path} is not writable ({reason}); choose a directory you can write")
-
-
-def read_backup(model_dir: str):
-    """(epoch, steps done in it) of the chief's last whole backup (falling back to the previous one with a
-    warning, see callbacks.latest_backup), or (0, 0) when there is none."""
-    backup = callbacks_lib.latest_backup(os.path.join(model_dir, BACKUP_DIR))
-    return (backup.epoch, backup.steps_done) if backup else (0, 0)
 
 
 class Experiment:
@@ -175,6 +168,10 @@ class Experiment:
                           steps_per_execution=c.steps_per_execution, jit_compile=c.jit_compile)
         return model
 
+    def rerun_plan(self) -> dict:
+        """What this run is, for a rerun to compare with (dtf.rundir)."""
+        return rundir.plan_of(self.resolved_config())
+
     def callbacks(self, log_dir: str, backup_dir: Optional[str]) -> List[keras.callbacks.Callback]:
         c = self.config
         out = [keras.callbacks.TerminateOnNaN()]
@@ -182,7 +179,8 @@ class Experiment:
             out.append(noise_scale.NoiseScaleLogger())
         if backup_dir:
             out.append(callbacks_lib.BackupAndRestore(
-                backup_dir, save_freq=c.backup_every_steps or "epoch", cluster=self.cluster))
+                backup_dir, save_freq=c.backup_every_steps or "epoch", cluster=self.cluster, plan=self.rerun_plan(),
+                epochs=c.epochs))
         out.append(TrainingScalars(os.path.join(log_dir, "train"), self.plan.global_batch_size,
                                    every_n_steps=c.log_every_steps, cluster=self.cluster))
         out.append(callbacks_lib.TensorBoard(log_dir, cluster=self.cluster, update_freq=c.log_every_steps,
@@ -194,11 +192,12 @@ class Experiment:
         return out
 
     def fit(self, model: keras.Model, callbacks: Sequence[keras.callbacks.Callback], initial_epoch: int = 0,
-            initial_step: int = 0, verbose=None, progress: Optional[keras.callbacks.Callback] = None) -> dict:
+            initial_step: int = 0, verbose=None, progress: Optional[keras.callbacks.Callback] = None,
+            restore_from=None) -> dict:
         """Train from (initial_epoch, initial_step) to the end; returns the merged history. A resume from a
         mid-epoch backup first finishes that epoch, so the run sees exactly the batches an uninterrupted one would.
         progress: the display (default: --progress on the chief's stdout, nothing on the other workers or with
-        verbose=0)."""
+        verbose=0). restore_from: the backup the BackupAndRestore callback restores (False: none; None: the newest)."""
         if progress is None and verbose != 0 and self.cluster.is_chief:
             progress = progress_lib.TrainingProgress(self.config.progress, self.plan.global_batch_size)
         callbacks = [*callbacks, progress] if progress is not None else list(callbacks)
@@ -209,7 +208,7 @@ class Experiment:
             train = self.train_data(first_epoch, first_step)
             for cb in callbacks:
                 if isinstance(cb, callbacks_lib.BackupAndRestore):
-                    cb.step_offset, cb.restore_on_begin = first_step, not history
+                    cb.step_offset, cb.restore_on_begin, cb.restore_from = first_step, not history, restore_from
             model._initial_epoch = None  # Keras prefers a restored epoch over `initial_epoch`; ours is exact
             h = model.fit(train.dataset, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
                           shuffle=False,  # no validation_steps: see EVAL_NOTE
@@ -238,33 +237,59 @@ class Experiment:
 
 
 def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = None,
-                   task: Optional[task_lib.Task] = None) -> dict:
+                   task: Optional[task_lib.Task] = None, restart: bool = False) -> dict:
     """Train, evaluate and export one experiment; returns the summary (also written to model_dir by the chief).
 
-    `task`: a Task object to train instead of the one the config names (from Python, e.g. with constructor
-    arguments)."""
+    A model_dir that already holds a run decides what this one does (dtf.rundir): resume it, continue it to more
+    epochs, or, when it is finished, nothing at all (the summary returned is the run's, with "already_finished").
+    task: a Task object to train instead of the one the config names (from Python, e.g. with constructor
+    arguments). restart: move a different run in model_dir aside instead of refusing it."""
     start = time.time()
     cluster = resolve_cluster(config)
+    strategy = strategy or create_strategy(config)
+    exp = Experiment(config, strategy, cluster, task)
+    resolved = exp.resolved_config()
+    decision = rundir.decide(config.model_dir, exp.rerun_plan(), config.epochs, restart)  # reads only
+    if decision.action == "finished":
+        return {**decision.summary, "already_finished": True}
+    lock = None
     if cluster.is_chief:
         check_model_dir(config.model_dir)
-    strategy = strategy or create_strategy(config)
+        if decision.move_aside and tf.io.gfile.exists(config.model_dir):
+            rundir.RunLock(config.model_dir).check_free()
+            log.info(f"{decision.message}: now in {rundir.move_aside(config.model_dir)}")
+        lock = rundir.RunLock(config.model_dir).acquire()
+    try:
+        if cluster.is_chief and not decision.move_aside:  # again, now that no other run can change model_dir
+            decision = rundir.decide(config.model_dir, exp.rerun_plan(), config.epochs, restart)
+        if decision.message and not decision.move_aside:
+            log.info(decision.message)
+        backup = decision.backup
+        initial_epoch, initial_step = (backup.epoch, backup.steps_done) if backup else (0, 0)
+        if decision.action == "export":
+            return _export_backup(exp, resolved, backup, start)
+        return _train(exp, resolved, decision, initial_epoch, initial_step, start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(exp: Experiment, resolved: Config, decision: rundir.Decision, initial_epoch: int, initial_step: int,
+           start: float) -> dict:
+    config, cluster, strategy = exp.config, exp.cluster, exp.strategy
     stop = preemption.Preemption(cluster, config.preemption_grace_s)  # after the strategy: TF takes SIGTERM there
     try:  # until training is over, SIGTERM stops every worker at one agreed step (dtf.preemption)
         with data_service_lib.running(config.data_service) as service:  # training input only; evaluation is local
-            exp = Experiment(config, strategy, cluster, task, service)
-            resolved = exp.resolved_config()
+            exp.data_service = service
             log.info(exp.describe())
             log_dir = os.path.join(config.model_dir, "tensorboard")
             model = exp.build_model()
-            initial_epoch, initial_step = read_backup(config.model_dir)
-            if initial_epoch or initial_step:
-                log.info(f"resuming from the backup in {config.model_dir}/{BACKUP_DIR}: epoch {initial_epoch + 1}, "
-                         f"step {initial_step}")
             if cluster.is_chief:
                 write_run_metadata(log_dir, resolved)
             callbacks = exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR))
             stop.attach(exp.steps_per_epoch, callbacks)
-            history = exp.fit(model, [*callbacks, stop], initial_epoch, initial_step)
+            history = exp.fit(model, [*callbacks, stop], initial_epoch, initial_step,
+                              restore_from=decision.backup or False)
     finally:
         stop.close()
     final = exp.evaluate(model)
@@ -273,23 +298,39 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
     if epoch_steps and initial_step:
         epoch_steps[0] -= initial_step  # a resumed run finished a partial epoch first
     train_seconds = sum(ms / 1000 * n for ms, n in zip(history.get("step_time_ms", []), epoch_steps))
-    summary = {
+    summary = _summary(exp, resolved, history, final, [initial_epoch, initial_step], start)
+    summary["examples_per_sec"] = sum(epoch_steps) * exp.plan.global_batch_size / max(train_seconds, 1e-9)
+    _export(config, cluster, model, resolved, summary)
+    return summary
+
+
+def _export_backup(exp: Experiment, resolved: Config, backup, start: float) -> dict:
+    """The outputs of a run that trained every epoch but was stopped before writing them, from its last backup."""
+    model = exp.build_model()
+    with exp.strategy.scope():
+        callbacks_lib.restore(model, backup)
+    summary = _summary(exp, resolved, {}, exp.evaluate(model), [backup.epoch, backup.steps_done], start)
+    _export(exp.config, exp.cluster, model, resolved, summary)
+    return summary
+
+
+def _summary(exp: Experiment, resolved: Config, history: dict, final: dict, resumed_from, start: float) -> dict:
+    config = exp.config
+    return {
         "task": resolved.task, "dataset": resolved.dataset, "model": resolved.model,
-        "strategy": type(strategy).__name__,
-        "num_replicas": exp.plan.num_replicas, "num_workers": cluster.num_workers,
+        "strategy": type(exp.strategy).__name__,
+        "num_replicas": exp.plan.num_replicas, "num_workers": exp.cluster.num_workers,
         "global_batch_size": exp.plan.global_batch_size, "per_replica_batch_size": exp.plan.per_replica_batch_size,
         "base_lr": config.base_lr, "peak_lr": exp.peak_lr, "lr_scaling": config.lr_scaling,
         "warmup_epochs": config.warmup_epochs, "warmup_steps": config.warmup_steps, "epochs": config.epochs,
-        "steps_per_epoch": exp.steps_per_epoch, "resumed_from": [initial_epoch, initial_step],
+        "steps_per_epoch": exp.steps_per_epoch, "resumed_from": resumed_from,
         **{k: history[k][-1] for k in noise_scale.LOG_KEYS if k in history},
         "final_metrics": {**{k: v[-1] for k, v in history.items() if not k.startswith("val_")},
                           **{f"val_{k}": v for k, v in final.items()}},
         "history": history,
-        "examples_per_sec": sum(epoch_steps) * exp.plan.global_batch_size / max(train_seconds, 1e-9),
+        "examples_per_sec": 0.0,
         "wall_time_s": time.time() - start, "versions": versions.versions(),
     }
-    _export(config, cluster, model, resolved, summary)
-    return summary
 
 
 def _export(config: Config, cluster, model: keras.Model, resolved: Config, summary: dict):

@@ -127,11 +127,11 @@ def test_a_kill_at_any_write_step_resumes_from_the_last_whole_backup(tmp_path, m
         # Before the new metadata is in place the run resumes from the last whole backup; after, from the new one.
         assert resumed in [(1, 5, 2.0), (2, 0, 3.0)], (fault.steps[at], resumed)
     print("\n".join(f"kill at {step}: resumes from epoch {e}, step {s}" for step, (e, s, _) in outcomes.items()))
-    assert fault.steps[:5] == ["save weights", "write temporary training_metadata.json.bkp",
+    assert fault.steps[:6] == ["save weights", "rename to weights", "write temporary training_metadata.json.bkp",
                                "rename to training_metadata.json.bkp", "write temporary training_metadata.json",
                                "rename to training_metadata.json"], fault.steps
     assert outcomes["rename to training_metadata.json"] == (1, 5, 2.0)
-    assert outcomes[fault.steps[5]] == (2, 0, 3.0)  # the cleanup after the commit point
+    assert outcomes[fault.steps[6]] == (2, 0, 3.0)  # the cleanup after the commit point
     # What the successful backup left: one pair and its predecessor, nothing else.
     names = sorted(os.listdir(backup_dir))
     assert names[:2] == ["training_metadata.json", "training_metadata.json.bkp"], names

@@ -40,8 +40,8 @@ def test_a_run_writes_and_resumes_on_a_remote_filesystem(tmp_path, monkeypatch):
 
 
 def test_check_model_dir_on_a_remote_filesystem():
-    train.check_model_dir("ram://dtf-test/check")
-    assert tf.io.gfile.listdir("ram://dtf-test/check") == []  # the probe is gone
+    train.check_model_dir("ram://dtf-test/check/run")
+    assert not tf.io.gfile.exists("ram://dtf-test/check")  # the probe is gone, and nothing was created
 
 
 def test_tune_results_on_a_remote_filesystem():
