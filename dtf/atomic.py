@@ -22,7 +22,10 @@ def _temporary_name(path: str) -> str:
 
 @contextlib.contextmanager
 def replacing(path: str):
-    """Yield a temporary path to write in full; on success it replaces `path`, on failure it is removed."""
+    """Yield a temporary path to write in full; on success it replaces `path`, on failure it is removed. The parent
+    directory is made if missing (the checks before a run create nothing)."""
+    if os.path.dirname(path):
+        tf.io.gfile.makedirs(os.path.dirname(path))
     tmp = _temporary_name(path)
     try:
         yield tmp
