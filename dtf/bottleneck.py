@@ -15,6 +15,8 @@ from typing import Dict, List
 
 import tensorflow as tf
 
+from dtf.strategy import strategy_name
+
 MODES = ("training", "input", "end_to_end")
 INPUT_BOUND_RATIO, COMPUTE_BOUND_RATIO = 1.25, 2.0
 WHOLE_EPOCHS_UP_TO = 4  # x the timed steps: longer epochs are timed inside one (bounds the run time)
@@ -110,7 +112,7 @@ def measure(exp, model, steps: int = 50, warmup_steps: int = 10, repeats: int = 
         "verdict": verdict(eps["input"], eps["training"], wait), "thresholds": THRESHOLDS,
         "steps": n, "warmup_steps": warmup_calls * per_call, "whole_epochs": whole, "repeats": repeats,
         "runs_s": seconds, "global_batch_size": batch, "per_replica_batch_size": exp.plan.per_replica_batch_size,
-        "num_replicas": exp.plan.num_replicas, "strategy": type(exp.strategy).__name__,
+        "num_replicas": exp.plan.num_replicas, "strategy": strategy_name(exp.strategy),
     }
 
 

@@ -106,7 +106,7 @@ class Experiment:
                          worker_hosts=None, task_index=None, **task)
 
     def describe(self) -> str:
-        return (f"{type(self.strategy).__name__} × {self.plan.num_replicas} replica(s), global batch "
+        return (f"{strategy_lib.strategy_name(self.strategy)} × {self.plan.num_replicas} replica(s), global batch "
                 f"{self.plan.global_batch_size} = {self.plan.num_replicas} × {self.plan.per_replica_batch_size}, "
                 f"{scaling.explain_lr(self.config.base_lr, self.effective_batch, self.config.reference_batch_size, self.config.lr_scaling)}, "
                 f"{self.steps_per_epoch} steps/epoch × {self.config.epochs} epochs")
@@ -275,7 +275,7 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
     train_seconds = sum(ms / 1000 * n for ms, n in zip(history.get("step_time_ms", []), epoch_steps))
     summary = {
         "task": resolved.task, "dataset": resolved.dataset, "model": resolved.model,
-        "strategy": type(strategy).__name__,
+        "strategy": strategy_lib.strategy_name(strategy),
         "num_replicas": exp.plan.num_replicas, "num_workers": cluster.num_workers,
         "global_batch_size": exp.plan.global_batch_size, "per_replica_batch_size": exp.plan.per_replica_batch_size,
         "base_lr": config.base_lr, "peak_lr": exp.peak_lr, "lr_scaling": config.lr_scaling,
