@@ -23,7 +23,26 @@ def _define(argv):
                           module_name="dtf: evaluator")
         flags.DEFINE_string("best_metric", None, "Evaluator: keep the checkpoint with the best value of this metric "
                             "(default loss) as best.keras.", module_name="dtf: evaluator")
+    _fence_data_service(argv)
     dtf_flags.define_task_flags(argv)
+
+
+def _fence_data_service(argv):
+    """--data_service=local:N: fence its servers (dtf.data_service.fence) before anything, a --task module included,
+    starts TensorFlow's threads: a namespace change leaves running threads outside."""
+    from dtf import cluster as cluster_lib
+    from dtf import data_service
+    from dtf.errors import UserError
+    from dtf.flags import argv_value
+
+    try:
+        multi_worker = cluster_lib.parse_tf_config().is_multi_worker
+    except UserError:  # the run reports it; no fence meanwhile
+        multi_worker = True
+    multi_worker = (multi_worker or bool(argv_value(argv, "worker_hosts"))
+                    or argv_value(argv, "cluster_resolver") == "slurm")
+    paths = (argv_value(argv, "model_dir"), argv_value(argv, "data_dir") or os.environ.get("DTF_DATA_DIR"))
+    data_service.fence(argv_value(argv, "data_service"), paths, multi_worker)
 
 
 def _body(rest):
