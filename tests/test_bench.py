@@ -166,6 +166,11 @@ def test_scaling_run_measures_weak_and_strong_in_own_interpreters(tmp_path, caps
                                "--bench_repeats=1", "--link_gbps=10", "--bench_timeout=300"], capsys)
     assert code == 0, err
     print(out)
+    unit = "worker" if where.startswith("--num_workers") else "replica"
+    progress = [line.split(" scaling at ")[0][len("dtf.bench: "):] for line in out.splitlines()
+                if line.startswith("dtf.bench: measur")]  # a line as each point starts and ends
+    assert progress == ["measuring weak", "measured weak", "measuring strong", "measured strong"] * 2, out
+    assert f"measured strong scaling at 2 {unit}(s), global batch 16 (4 of 4) in " in out, out
     result = json.loads((tmp_path / "scaling.json").read_text())
     points = {(p["mode"], p["replicas"]): p for p in result["points"]}
     assert set(points) == {("weak", 1), ("strong", 1), ("weak", 2), ("strong", 2)}
