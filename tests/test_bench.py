@@ -3,6 +3,7 @@ CLI's errors. In-process (the pytest process has 4 logical CPU devices); the sca
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -91,10 +92,13 @@ def test_bottleneck_cli_on_four_replicas_writes_its_json(tmp_path, capsys):
 
 
 def test_overhead_reduced_run_prints_both_step_times(tmp_path, capsys):
-    code, out, err = _run_cli(["dtf.bench", "overhead", f"--task={tasks_for_tests_spec()}", "--strategy=one_device",
-                               "--global_batch_size=32", f"--model_dir={tmp_path}",
-                               "--steps_per_epoch=4", "--bench_epochs=2", "--bench_repeats=1"], capsys)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = _run_cli(["dtf.bench", "overhead", f"--task={tasks_for_tests_spec()}", "--strategy=one_device",
+                                   "--global_batch_size=32", f"--model_dir={tmp_path}",
+                                   "--steps_per_epoch=4", "--bench_epochs=2", "--bench_repeats=1"], capsys)
     assert code == 0, err
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
     print(out)
     times = {name: float(ms) for name, ms in re.findall(r"^\s*(dtf|hand-written):\s+([0-9.]+) ms/step", out, re.M)}
     assert set(times) == {"dtf", "hand-written"} and all(0 < t < math.inf for t in times.values())
