@@ -84,8 +84,8 @@ def run(config, flag_values) -> Dict:
     table, total = [], 2 * len(counts)
     for p in counts:
         for mode, global_batch in (("weak", sizes["weak_per_replica"] * p), ("strong", sizes["strong_global"])):
-            what = f"{mode} scaling at {p} {'worker' if flag_values.num_workers else 'replica'}(s), global batch " \
-                   f"{global_batch} ({len(table) + 1} of {total})"
+            what = (f"{mode} scaling at {p} {'worker' if flag_values.num_workers else 'replica'}(s), global batch "
+                    f"{global_batch} ({len(table) + 1} of {total})")
             print(f"dtf.bench: measuring {what} ...", flush=True)  # each takes minutes: say what runs
             began = time.monotonic()
             r = _point(config, flag_values, mode, p, global_batch)
