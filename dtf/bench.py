@@ -97,7 +97,8 @@ def format_bottleneck(r: dict) -> str:
         a = r["allreduce"]
         lines.append(f"gradient all-reduce ({a['gradient_bytes'] / 2**20:.2f} MB over {a['replicas']} replicas): "
                      f"{1000 * a['gradient_seconds']:.2f} ms")
-    lines += [f"verdict: {r['verdict'].upper()}", f"  thresholds: {r['thresholds']}", "advice:"]
+    note = f"; {r['verdict_note']}" if r.get("verdict_note") else ""
+    lines += [f"verdict: {r['verdict'].upper()}{note}", f"  thresholds: {r['thresholds']}", "advice:"]
     lines += [f"  - {item}" for item in r["advice"]] or ["  - none"]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ efficiency over a --link_gbps link.
 import json
 import os
 import sys
+import time
 from typing import Dict, List
 
 from dtf import allreduce, procs, train
@@ -80,10 +81,16 @@ def run(config, flag_values) -> Dict:
     counts = (worker_counts(flag_values.num_workers) if flag_values.num_workers
               else replica_counts(flag_values.bench_replicas))
     sizes = batches(config, counts)
-    table = []
+    table, total = [], 2 * len(counts)
     for p in counts:
         for mode, global_batch in (("weak", sizes["weak_per_replica"] * p), ("strong", sizes["strong_global"])):
+            what = (f"{mode} scaling at {p} {'worker' if flag_values.num_workers else 'replica'}(s), global batch "
+                    f"{global_batch} ({len(table) + 1} of {total})")
+            print(f"dtf.bench: measuring {what} ...", flush=True)  # each takes minutes: say what runs
+            began = time.monotonic()
             r = _point(config, flag_values, mode, p, global_batch)
+            print(f"dtf.bench: measured {what} in {time.monotonic() - began:.0f}s: "
+                  f"{r['end_to_end_examples_per_sec']:.0f} examples/s", flush=True)
             table.append({"mode": mode, "replicas": p, "global_batch_size": global_batch,
                           "examples_per_sec": r["end_to_end_examples_per_sec"],
                           "training_examples_per_sec": r["training_examples_per_sec"],

@@ -11,29 +11,42 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import tensorflow as tf
+
+from dtf.strategy import strategy_name
 
 MODES = ("training", "input", "end_to_end")
 INPUT_BOUND_RATIO, COMPUTE_BOUND_RATIO = 1.25, 2.0
 WHOLE_EPOCHS_UP_TO = 4  # x the timed steps: longer epochs are timed inside one (bounds the run time)
 # Waiting below this is not called input-bound: on a shared machine (b) and (c) drift by ~15% between runs.
 INPUT_BOUND_WAIT = 0.25
-THRESHOLDS = (f"input-bound: input < {INPUT_BOUND_RATIO:g} x training examples/s, or >= {INPUT_BOUND_WAIT:.0%} of "
-              f"the step waiting for input; otherwise compute-bound when input >= {COMPUTE_BOUND_RATIO:g} x training "
-              f"examples/s, else balanced")
+THRESHOLDS = (f"compute-bound when input >= {COMPUTE_BOUND_RATIO:g} x training examples/s (then waiting for input "
+              f"is CPU contention, not the pipeline); otherwise input-bound when input < {INPUT_BOUND_RATIO:g} x "
+              f"training examples/s or >= {INPUT_BOUND_WAIT:.0%} of the step waits for input, else balanced")
 SHORT_STEP_MS = 20.0  # below this, per-step overhead (Python, tf.function call, all-reduce latency) matters
 CACHE_LIMIT_BYTES = 2 << 30  # suggest --cache for training splits smaller than this
 
 
 def verdict(input_eps: float, training_eps: float, wait_fraction: float) -> str:
+    """A pipeline that alone delivers >= COMPUTE_BOUND_RATIO x what training takes is not the limit, even if the step
+    waits for it: that wait is the pipeline's threads and training competing for cores (see `contention`)."""
     ratio = input_eps / training_eps
-    if ratio < INPUT_BOUND_RATIO or wait_fraction >= INPUT_BOUND_WAIT:
-        return "input-bound"
     if ratio >= COMPUTE_BOUND_RATIO:
         return "compute-bound"
+    if ratio < INPUT_BOUND_RATIO or wait_fraction >= INPUT_BOUND_WAIT:
+        return "input-bound"
     return "balanced"
+
+
+def contention(input_eps: float, training_eps: float, wait_fraction: float) -> Optional[str]:
+    """Why a compute-bound step still waits for input, when it waits enough to matter (else None)."""
+    ratio = input_eps / training_eps
+    if ratio < COMPUTE_BOUND_RATIO or wait_fraction < INPUT_BOUND_WAIT:
+        return None
+    return (f"{wait_fraction:.0%} of the step waited for input although input alone is {ratio:.0f}x faster: CPU "
+            "contention (other processes or the pipeline's threads compete for cores)")
 
 
 def in_memory(strategy: tf.distribute.Strategy, batch) -> tf.distribute.DistributedDataset:
@@ -107,10 +120,11 @@ def measure(exp, model, steps: int = 50, warmup_steps: int = 10, repeats: int = 
         "end_to_end_examples_per_sec": eps["end_to_end"],
         "training_step_ms": 1000 * median["training"] / n, "end_to_end_step_ms": 1000 * median["end_to_end"] / n,
         "input_wait_fraction": wait, "input_to_training_ratio": eps["input"] / eps["training"],
-        "verdict": verdict(eps["input"], eps["training"], wait), "thresholds": THRESHOLDS,
+        "verdict": verdict(eps["input"], eps["training"], wait),
+        "verdict_note": contention(eps["input"], eps["training"], wait), "thresholds": THRESHOLDS,
         "steps": n, "warmup_steps": warmup_calls * per_call, "whole_epochs": whole, "repeats": repeats,
         "runs_s": seconds, "global_batch_size": batch, "per_replica_batch_size": exp.plan.per_replica_batch_size,
-        "num_replicas": exp.plan.num_replicas, "strategy": type(exp.strategy).__name__,
+        "num_replicas": exp.plan.num_replicas, "strategy": strategy_name(exp.strategy),
     }
 
 
@@ -153,6 +167,9 @@ def advice(exp, result: Dict) -> List[str]:
     if kind != "input-bound":
         out.append(f"more replicas help: this host's input could feed {result['input_to_training_ratio']:.1f}x the "
                    "current training rate")
+    if result.get("verdict_note"):
+        out.append("the step waits for cores, not data: stop other work on this host, or cap the pipeline's threads "
+                   "(tf.data.Options().threading.private_threadpool_size in datasets()), and measure again")
     if result["training_step_ms"] < SHORT_STEP_MS:
         out.append(f"steps are short ({result['training_step_ms']:.1f} ms): a larger per-replica batch (now "
                    f"{exp.plan.per_replica_batch_size}; --global_batch_size) or --steps_per_execution=N cuts the "

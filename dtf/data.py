@@ -155,6 +155,9 @@ def share_sizes(split: DatasetSplit, num_pipelines: int) -> Tuple[str, List[int]
     return "records", [n // num_pipelines + (i < n % num_pipelines) for i in range(num_pipelines)]
 
 
+_said_shard_hint = False
+
+
 def _share(source, ctx: tf.distribute.InputContext) -> _Share:
     """This pipeline's part: by files when there are enough shards, else by records (with a warning)."""
     pipelines, index = ctx.num_input_pipelines, ctx.input_pipeline_id
@@ -166,9 +169,12 @@ def _share(source, ctx: tf.distribute.InputContext) -> _Share:
         return _Share(sharding, sizes, source.read(None))
     if sharding == "files":
         return _Share(sharding, sizes, source.read(ctx))
-    log.warning(f"{source.name} {source.split} is stored in {source.num_shards} shard(s) for {pipelines} input "
-                f"pipelines: sharding by records, so every pipeline reads all {source.num_examples} examples and keeps "
-                f"1 in {pipelines}; store it in at least {pipelines} files to read less")
+    global _said_shard_hint
+    if index == 0 and not _said_shard_hint:  # the chief's pipeline, once a run: not per split, worker or epoch
+        _said_shard_hint = True
+        log.warning(f"{source.name} {source.split} is stored in {source.num_shards} shard(s) for {pipelines} input "
+                    f"pipelines: sharding by records, so every pipeline reads all {source.num_examples} examples and "
+                    f"keeps 1 in {pipelines}; store it in at least {pipelines} files to read less")
     return _Share(sharding, sizes, source.read(None).shard(pipelines, index))
 
 

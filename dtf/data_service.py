@@ -96,6 +96,36 @@ def running(text: Optional[str]) -> Iterator[Optional[Service]]:
         yield service
 
 
+def fence(text: Optional[str], paths=(), multi_worker: bool = False) -> Optional[str]:
+    """With --data_service=local:N, move this process into a private network namespace with only loopback (as
+    dtf.launch does for its workers) before TensorFlow starts: TensorFlow binds the tf.data servers to every interface
+    (`0.0.0.0`/`[::]`, hard-coded in its `GrpcDataServerBase::Start`; no config field sets an address), so only the
+    OS can fence them, and the servers are reachable only from their consumer if that consumer is inside too.
+    Not done when the run needs the network: the peers of a multi-worker job, or a remote path (`paths`, e.g.
+    model_dir, data_dir). Returns None when fenced (or nothing to fence), else why not; `local` then warns with it."""
+    global _unfenced
+    try:
+        if not text or not parse(text).local_workers or netns.isolated_by_launcher():
+            return None
+    except UserError:  # the run reports it after parsing every flag
+        return None
+    remote = [p for p in paths if p and "://" in str(p)]
+    if multi_worker:
+        _unfenced = "the other workers of this multi-worker run must be reachable"
+    elif remote:
+        _unfenced = f"{remote[0]} needs the network"
+    elif os.path.isdir("/proc/self/task") and len(os.listdir("/proc/self/task")) > 1:  # (a --task imported TF)
+        _unfenced = "it already runs threads, which a namespace change would leave outside"
+    else:
+        _unfenced = netns.isolate()
+        if _unfenced is None:
+            os.environ[netns.ISOLATED_ENV] = "1"  # this process and its children see only loopback
+    return _unfenced
+
+
+_unfenced: Optional[str] = None  # why `fence` left this process on the host's network
+
+
 def server_commands(dispatcher_port: int, worker_ports: List[int]) -> List[List[str]]:
     """The dispatcher's command, then each worker's."""
     dispatcher = procs.python_command("-m", "dtf.data_service", "dispatcher", str(dispatcher_port))
@@ -109,8 +139,9 @@ def local(num_workers: int, timeout_s: float = START_TIMEOUT_S) -> Iterator[Serv
     listening) before this yields, all stopped (SIGTERM, then SIGKILL) and reaped after."""
     ports = cluster_lib.free_ports(num_workers + 1, HOST)
     if not netns.isolated_by_launcher():
-        log.warning(f"tf.data service on ports {','.join(map(str, ports))}: TensorFlow's servers listen on every "
-                    "interface, unauthenticated; run on a trusted network only (dtf.launch isolates its workers)")
+        log.warning(f"tf.data service on ports {','.join(map(str, ports))}: TensorFlow binds its servers to every "
+                    f"interface (no option), unauthenticated, and this process is not in a private network namespace"
+                    f"{f' ({_unfenced})' if _unfenced else ''}; run on a trusted network only")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.pop("TF_CONFIG", None)  # a server is no training task

@@ -68,20 +68,25 @@ def define_flags(flag_values=FLAGS, names: Optional[Sequence[str]] = None):
         flags.register_validator(field.name, _validator(field), flag_values=flag_values)
 
 
-def task_spec(argv: Sequence[str], flag_values=FLAGS) -> Optional[str]:
-    """The last --task on the command line or in its flagfiles (None when absent or the flagfiles do not read:
-    the real parse then reports that)."""
+def argv_value(argv: Sequence[str], name: str, flag_values=FLAGS) -> Optional[str]:
+    """The last --name on the command line or in its flagfiles, before the parse (None when absent or the flagfiles
+    do not read: the real parse then reports that)."""
     try:
         args = flag_values.read_flags_from_files(list(argv), force_gnu=False)
     except flags.Error:
         return None
-    spec = None
+    value = None
     for i, arg in enumerate(args):
-        if arg.startswith("--task="):
-            spec = arg[len("--task="):]
-        elif arg == "--task" and i + 1 < len(args):
-            spec = args[i + 1]
-    return spec
+        if arg.startswith(f"--{name}="):
+            value = arg[len(f"--{name}="):]
+        elif arg == f"--{name}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def task_spec(argv: Sequence[str], flag_values=FLAGS) -> Optional[str]:
+    """The last --task on the command line or in its flagfiles."""
+    return argv_value(argv, "task", flag_values)
 
 
 def define_task_flags(argv: Sequence[str], flag_values=FLAGS):

@@ -244,18 +244,20 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
            timeout_s: Optional[float] = None, evaluator: Optional[Sequence[str]] = None,
            preemption_grace_s: float = exitcodes.LAUNCHER_GRACE_S) -> int:
     """Run `command` as `num_workers` local workers until they all succeed, restarting after failures; see module doc."""
-    printer = _Printer(sys.stdout, lambda i: "evaluator" if i == num_workers else procs.role(i))
+    roles = [procs.role(i) for i in range(num_workers)] + (["evaluator"] if evaluator else [])
+    group = f"{num_workers} worker(s)" + (" and an evaluator" if evaluator else "")
+    printer = _Printer(sys.stdout, roles.__getitem__)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     restarts = port_retries = start = 0
     hosts: List[str] = []
     began = time.monotonic()
     while True:
         hosts = _fresh_hosts(num_workers + bool(evaluator), hosts)
-        log.info("launch: starting %d worker(s) on %s (DTF_LAUNCH_RESTART=%d)", num_workers, ",".join(hosts), start)
+        log.info("launch: starting %s on %s (DTF_LAUNCH_RESTART=%d)", group, ",".join(hosts), start)
 
         def on_start(started, hosts=hosts):
             for i, p in enumerate(started):
-                log.info("launch: %s pid %d (%s)", procs.role(i), p.pid, hosts[i])
+                log.info("launch: %s pid %d (%s)", roles[i], p.pid, hosts[i])
 
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         configs = tf_configs(hosts[:num_workers], hosts[num_workers] if evaluator else None)
@@ -265,7 +267,7 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
                                  preemption_grace_s=preemption_grace_s)
         start += 1
         if result.ok:
-            log.info("launch: all %d worker(s) finished in %.1fs (%d restart(s))", num_workers,
+            log.info("launch: all %s finished in %.1fs (%d restart(s))", group,
                      time.monotonic() - began, restarts)
             return result.workers[0].returncode
         if result.timed_out:
@@ -284,15 +286,15 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
             log.info("launch: --timeout=%gs ran out; not restarting", timeout_s)
             return TIMEOUT_STATUS
         if status == exitcodes.PREEMPTED:
-            log.info("launch: preempted (exit status %d); restarting all %d worker(s) on new ports (not counted "
-                     "against --max_restarts)", status, num_workers)
+            log.info("launch: preempted (exit status %d); restarting all %s on new ports (not counted "
+                     "against --max_restarts)", status, group)
             continue
         if restarts >= max_restarts:
             if max_restarts:
                 log.info("launch: giving up after %d restart(s)", restarts)
             return status
         restarts += 1
-        log.info("launch: restarting all %d worker(s) on new ports (restart %d of %d)", num_workers, restarts,
+        log.info("launch: restarting all %s on new ports (restart %d of %d)", group, restarts,
                  max_restarts)
 
 

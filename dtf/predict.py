@@ -96,6 +96,7 @@ def _body(rest):
     from absl import flags
 
     from dtf import inference, prediction_files, train
+    from dtf import strategy as strategy_lib
     from dtf import progress as progress_lib
     from dtf.config import Config
     from dtf.logs import get_logger
@@ -138,7 +139,7 @@ def _body(rest):
     if cluster.is_chief:
         summary = (f"dtf.predict: {result.num_examples} examples in {result.seconds:.2f}s: "
                    f"{result.examples_per_sec:.0f} examples/s on {result.num_replicas} replica(s) "
-                   f"({type(strategy).__name__}, {cluster.num_workers} worker(s)), global batch {global_batch}; "
+                   f"({strategy_lib.strategy_name(strategy)}, {cluster.num_workers} worker(s)), global batch {global_batch}; "
                    f"wrote {FLAGS.output_values} to {FLAGS.output}")
         if bar is not None:
             bar.finish(summary)  # replaces the bar

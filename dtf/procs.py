@@ -5,6 +5,7 @@ group down promptly: MultiWorkerMirroredStrategy cannot continue with a missing 
 otherwise hang in a collective.
 """
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -31,10 +32,7 @@ class WorkerResult:
     returncode: Optional[int]  # None: killed by the group (another worker failed, or the timeout)
     output: str
     tail: List[str]
-
-    @property
-    def role(self) -> str:
-        return role(self.index)
+    role: str  # 'chief', 'worker N' or 'evaluator'
 
     @property
     def status(self) -> str:
@@ -61,7 +59,10 @@ class GroupResult:
         return "\n".join(lines)
 
 
-def role(index: int) -> str:
+def role(index: int, tf_config: Optional[str] = None) -> str:
+    """How logs name process `index`: 'chief', 'worker N', or 'evaluator' when its TF_CONFIG task is one."""
+    if tf_config and json.loads(tf_config).get("task", {}).get("type") == "evaluator":
+        return "evaluator"
     return "chief" if index == 0 else f"worker {index}"
 
 
@@ -196,7 +197,8 @@ def run_group(
             t.join(timeout=5)
     return GroupResult(
         workers=[WorkerResult(index=i, pid=p.pid, returncode=None if i in killed else p.returncode,
-                              output="\n".join(outputs[i]), tail=list(tails[i])) for i, p in enumerate(procs)],
+                              output="\n".join(outputs[i]), tail=list(tails[i]), role=role(i, tf_configs[i]))
+                 for i, p in enumerate(procs)],
         timed_out=timed_out, first_failure=first_failure, stop_s=stop_s)
 
 

@@ -27,7 +27,26 @@ def _define(argv):
                              "to MODEL_DIR.before-restart-TIME and train this one from step 0 (without it: refused). "
                              "The same run is resumed or left as it is; not written to flags.txt.",
                              module_name="dtf: outputs")
+    _fence_data_service(argv)
     dtf_flags.define_task_flags(argv)
+
+
+def _fence_data_service(argv):
+    """--data_service=local:N: fence its servers (dtf.data_service.fence) before anything, a --task module included,
+    starts TensorFlow's threads: a namespace change leaves running threads outside."""
+    from dtf import cluster as cluster_lib
+    from dtf import data_service
+    from dtf.errors import UserError
+    from dtf.flags import argv_value
+
+    try:
+        multi_worker = cluster_lib.parse_tf_config().is_multi_worker
+    except UserError:  # the run reports it; no fence meanwhile
+        multi_worker = True
+    multi_worker = (multi_worker or bool(argv_value(argv, "worker_hosts"))
+                    or argv_value(argv, "cluster_resolver") == "slurm")
+    paths = (argv_value(argv, "model_dir"), argv_value(argv, "data_dir") or os.environ.get("DTF_DATA_DIR"))
+    data_service.fence(argv_value(argv, "data_service"), paths, multi_worker)
 
 
 def _body(rest):

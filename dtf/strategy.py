@@ -147,7 +147,9 @@ def create_strategy(
         _reject(name, num_cpu_devices=num_cpu_devices if num_cpu_devices != 1 else None, devices=devices,
                 cross_device_ops=cross_device_ops_name)
         if not info.is_multi_worker:
-            log.warning("strategy multi_worker without a multi-worker TF_CONFIG: running as a 1-worker cluster")
+            log.warning("strategy multi_worker without a multi-worker TF_CONFIG: training as one worker (a 1-worker "
+                        "cluster); for more, start it with `python -m dtf.launch --num_workers=2 -- python -m dtf.run "
+                        "<the same flags>`")
         keras_compat.apply()
         strategy = _multi_worker(info, communication or "auto", cluster_timeout_s)
     log.info(describe(strategy, info))
@@ -172,7 +174,11 @@ def _multi_worker(info, communication: str, timeout_s: float):
     TF waits for missing peers forever inside the constructor (in C++, where neither its cluster-wait timeout nor the
     coordination service's register timeout took effect on TF 2.21), which looks like a silent hang. A watchdog
     process ends this one with one clear line instead; a half-joined cluster cannot be recovered in-process.
+    Without TF_CONFIG there are no peers and TF starts no server: a local strategy, nothing to wait for or expose.
     """
+    options = communication_options(communication)
+    if info.address is None:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if not netns.isolated_by_launcher():
         port = info.address.rpartition(":")[2]
         log.warning(f"{info.worker_id}: TensorFlow's server listens on 0.0.0.0:{port} (every interface, "
@@ -183,16 +189,26 @@ def _multi_worker(info, communication: str, timeout_s: float):
     watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout_s), message],
                                 stdin=subprocess.PIPE)
     try:
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=communication_options(communication))
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     finally:
         watchdog.stdin.close()  # wakes the watchdog, which exits quietly
         watchdog.wait()
 
 
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The --strategy name of a strategy object, for user output: TF's class names include private ones
+    (`_DefaultDistributionStrategy`) and an internal one for multi_worker (`CollectiveAllReduceStrategy`)."""
+    for cls, name in ((tf.distribute.MultiWorkerMirroredStrategy, "multi_worker"),
+                      (tf.distribute.MirroredStrategy, "mirrored"), (tf.distribute.OneDeviceStrategy, "one_device")):
+        if isinstance(strategy, cls):
+            return name
+    return "default" if type(strategy).__name__ == "_DefaultDistributionStrategy" else type(strategy).__name__
+
+
 def describe(strategy: tf.distribute.Strategy, info: Optional[cluster_lib.ClusterInfo] = None) -> str:
     """One line: strategy, replicas, devices, worker/task and chief."""
     info = info or cluster_lib.parse_tf_config()
-    kind = type(strategy).__name__
+    kind = strategy_name(strategy)
     try:
         devices = strategy.extended.worker_devices
     except RuntimeError:  # the default strategy has no device list

@@ -99,7 +99,7 @@ class Experiment:
                          worker_hosts=None, task_index=None, **task)
 
     def describe(self) -> str:
-        return (f"{type(self.strategy).__name__} × {self.plan.num_replicas} replica(s), global batch "
+        return (f"{strategy_lib.strategy_name(self.strategy)} × {self.plan.num_replicas} replica(s), global batch "
                 f"{self.plan.global_batch_size} = {self.plan.num_replicas} × {self.plan.per_replica_batch_size}, "
                 f"{scaling.explain_lr(self.config.base_lr, self.effective_batch, self.config.reference_batch_size, self.config.lr_scaling)}, "
                 f"{self.steps_per_epoch} steps/epoch × {self.config.epochs} epochs")
@@ -318,7 +318,7 @@ def _summary(exp: Experiment, resolved: Config, history: dict, final: dict, resu
     config = exp.config
     return {
         "task": resolved.task, "dataset": resolved.dataset, "model": resolved.model,
-        "strategy": type(exp.strategy).__name__,
+        "strategy": strategy_lib.strategy_name(exp.strategy),
         "num_replicas": exp.plan.num_replicas, "num_workers": exp.cluster.num_workers,
         "global_batch_size": exp.plan.global_batch_size, "per_replica_batch_size": exp.plan.per_replica_batch_size,
         "base_lr": config.base_lr, "peak_lr": exp.peak_lr, "lr_scaling": config.lr_scaling,

@@ -189,6 +189,16 @@ def test_pipelines_split_every_epoch_disjointly_by_files_and_by_records(id_files
         assert per_pipeline[0][:12] != per_pipeline[0][12:]
 
 
+def test_records_sharding_hint_is_said_once_a_run_by_the_chief(monkeypatch, capfd):
+    """One under-sharded split read by 4 pipelines, for training and evaluation: one line, from pipeline 0 only."""
+    monkeypatch.setattr(data, "_said_shard_hint", False)
+    split = datasets.from_dataset(tf.data.Dataset.range(64).map(with_id))
+    for training in (True, False):
+        data.distribute_dataset(PipelineStrategy(4, 4), split, GLOBAL_BATCH, training=training)
+    err = capfd.readouterr().err
+    assert err.count("store it in at least 4 files") == 1, err
+
+
 def test_evaluation_keeps_every_example_once(id_files):
     d = data.distribute_dataset(PipelineStrategy(2, 2), id_files["eval"], GLOBAL_BATCH, training=False,
                                 preprocess=parse_id)

@@ -56,6 +56,23 @@ def test_bad_and_unreachable_specs_are_one_line_errors():
             pass
 
 
+def test_no_fence_where_the_run_needs_the_network_and_the_warning_says_why(monkeypatch, capfd):
+    """(The fenced case, from the OS: tests/test_exposure.py.)"""
+    from dtf import netns
+
+    monkeypatch.delenv(netns.ISOLATED_ENV, raising=False)
+    monkeypatch.setattr(data_service, "_unfenced", None)
+    assert [data_service.fence(text) for text in (None, "grpc://h:1", "bogus")] == [None] * 3  # nothing to fence
+    assert "other workers" in data_service.fence("local:1", multi_worker=True)
+    assert data_service.fence("local:1", ("gs://bucket/run", None)) == "gs://bucket/run needs the network"
+    with data_service.local(1):
+        pass
+    warning = [line for line in capfd.readouterr().err.splitlines() if "binds its servers" in line]
+    assert len(warning) == 1 and warning[0].endswith(
+        "to every interface (no option), unauthenticated, and this process is not in a private network namespace "
+        "(gs://bucket/run needs the network); run on a trusted network only"), warning
+
+
 def test_dtf_run_rejects_a_bad_spec_with_status_2():
     done = subprocess.run([sys.executable, "-m", "dtf.run", "--data_service=foo", "--epochs=1"], capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)

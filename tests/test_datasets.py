@@ -68,10 +68,14 @@ def test_shapes_builds_offline_in_seconds_into_sharded_files(offline, data_dir):
     assert os.path.isdir(os.path.join(data_dir, "dtf_shapes", "28x28x1", "1.0.0"))
 
 
-def test_shapes_color_config(offline, data_dir):
+def test_shapes_color_config_builds_with_one_line(offline, data_dir, capfd, caplog):
+    """The first use builds it: dtf's one line, none of TFDS's prints or absl warnings about the folder it writes."""
     split = datasets.load("shapes/32x32x3", "test", data_dir)
     assert (split.input_shape, split.num_examples) == ((32, 32, 3), 2000)
     check_examples(split)
+    out, err = capfd.readouterr()
+    assert "dtf: built dtf_shapes/32x32x3/1.0.0 into" in err and len((out + err).strip().splitlines()) == 1, out + err
+    assert not [r for r in caplog.records if r.name == "absl"], [r.getMessage() for r in caplog.records]
 
 
 def test_shapes_are_a_pure_function_of_the_seed():

@@ -92,6 +92,20 @@ def test_launch_gives_the_evaluator_its_own_task_in_every_tf_config():
     assert all(i.cluster["evaluator"] == ["127.0.0.1:3"] and i.num_workers == 2 for i in infos)
 
 
+def test_launch_names_the_evaluator_as_such(capfd):
+    """Two workers and an evaluator: the launcher says so, and names the third process 'evaluator' everywhere, also
+    when it is the one that failed."""
+    from dtf import launch
+
+    worker = [sys.executable, "-c", "print('hello')"]
+    evaluator = [sys.executable, "-c", "import sys; print('scored'); sys.exit(1)"]
+    assert launch.launch(worker, 2, evaluator=evaluator, timeout_s=60) == 1
+    out, err = capfd.readouterr()
+    assert "launch: starting 2 worker(s) and an evaluator on 127.0.0.1:" in err, err
+    assert "launch: evaluator pid" in err and "worker 2" not in err + out, err
+    assert "[evaluator] scored" in out and "launch: evaluator (pid" in err and "died: exit code 1" in err, err
+
+
 @pytest.mark.parametrize("value, words", [("", "--evaluator is empty"),
                                           ("'unclosed", "is not a shell-quoted command")])
 def test_bad_evaluator_command_is_one_line_exit_2(capsys, value, words):

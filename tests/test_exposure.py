@@ -79,3 +79,47 @@ def test_without_isolation_the_ports_are_open_and_named(tmp_path):
         assert launcher.wait(60) == 0, launcher.output
     finally:
         launcher.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/net"), reason="network namespaces are Linux only")
+def test_local_data_service_listens_on_loopback_only(tmp_path):
+    """dtf.run --data_service=local:1 moves itself into a private loopback-only namespace before TensorFlow starts
+    (before its --task module is imported), so the dispatcher and worker it starts (TF binds them to every interface) are not on this host's interfaces, and
+    the run, their only consumer, still reaches them."""
+    import signal
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", netns.ISOLATED_ENV)}
+    run = subprocess.Popen([sys.executable, "-m", "dtf.run", f"--task={repo}/tests/tasks_for_tests.py:Regression",
+                            "--epochs=200", "--data_service=local:1", f"--model_dir={tmp_path / 'run'}"],
+                           cwd=str(tmp_path), env=dict(env, PYTHONPATH=repo),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            m = re.search(r"tf\.data service: dispatcher 127\.0\.0\.1:(\d+) \(pid (\d+)\), 1 worker\(s\) on (\d+)", line)
+            if m:
+                break
+        assert m, "".join(lines)
+        ports, dispatcher = {int(m[1]), int(m[3])}, int(m[2])
+        assert ports <= listening_ports(dispatcher)  # up, on every interface ... of a namespace with loopback only
+        assert netns.interfaces(dispatcher) == ["lo"] and netns.interfaces(run.pid) == ["lo"]
+        assert os.readlink(f"/proc/{run.pid}/ns/net") == os.readlink(f"/proc/{dispatcher}/ns/net")
+        assert not ports & listening_ports(), ports  # nothing on this host's interfaces
+        for line in run.stdout:  # and the run trains from them
+            lines.append(line)
+            if line.startswith("epoch 1/200:"):
+                break
+        assert lines[-1].startswith("epoch 1/200:"), "".join(lines)
+        run.send_signal(signal.SIGTERM)  # enough seen; the run stops early (preempted) and takes its servers along
+        rest = run.communicate(timeout=120)[0]
+        assert run.returncode == 143, "".join(lines) + rest
+        output = "".join(lines) + rest
+        assert "binds its servers" not in output and "Traceback" not in output
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()

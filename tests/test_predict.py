@@ -229,7 +229,7 @@ def test_cli_with_a_user_task_on_four_replicas_writes_csv_in_input_order(saved, 
     assert np.array_equal(table[:, 0], np.arange(1001))  # no duplicate, no missing row
     assert np.max(np.abs(table[:, 1:] - reference)) < TOL
     assert "dtf: predicted 1001/1001 examples (100%)" in proc.stderr and "examples/s" in proc.stderr
-    assert "examples/s on 4 replica(s) (MirroredStrategy, 1 worker(s))" in proc.stdout
+    assert "examples/s on 4 replica(s) (mirrored, 1 worker(s))" in proc.stdout
     assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == ["preds.csv"]
 
 
@@ -327,7 +327,7 @@ def test_two_workers_via_launch_equal_one_device_predict(saved, tmp_path):
     proc = run_predict([f"--task={TASK}", f"--model={path}", "--global_batch_size=1000", f"--output={out}"],
                        prefix=("-m", "dtf.launch", "--num_workers=2", "--timeout=240", "--", sys.executable))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "examples/s on 2 replica(s) (CollectiveAllReduceStrategy, 2 worker(s))" in proc.stdout
+    assert "examples/s on 2 replica(s) (multi_worker, 2 worker(s))" in proc.stdout
     predictions = np.load(out)
     assert predictions.shape == (1001, 4)
     diff = float(np.max(np.abs(predictions - reference)))

@@ -28,7 +28,7 @@ def test_one_device_and_describe_line():
     s = dtf.create_strategy("one_device")
     assert isinstance(s, tf.distribute.OneDeviceStrategy)
     line = strategy_lib.describe(s)
-    assert "strategy=OneDeviceStrategy" in line and "replicas=1" in line and "chief=True" in line
+    assert "strategy=one_device" in line and "replicas=1" in line and "chief=True" in line
 
 
 def test_mirrored_cross_device_ops_are_wired():
@@ -95,3 +95,31 @@ def test_version_guard_message():
     with pytest.raises(UserError, match=r"tensorflow 2.16.1"):
         versions.check_versions("2.16.1", "3.15.1")
     versions.check_versions("2.21.0", "3.15.1")
+
+
+def test_multi_worker_flagfile_alone_trains_as_one_worker(tmp_path):
+    """The README's multi-worker flagfile run without TF_CONFIG or a launcher: one worker, one line saying so and how
+    to start more, the run's outputs, exit 0."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    proc = subprocess.run([sys.executable, "-m", "dtf.run", "--flagfile=experiments/shapes_multi_worker.flags",
+                           "--epochs=1", "--steps_per_epoch=3", "--warmup_epochs=0", f"--model_dir={tmp_path}"],
+                          cwd=repo, env=dict(env, PYTHONPATH=repo), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out
+    assert out.count("training as one worker") == 1
+    assert "python -m dtf.launch --num_workers=2 -- python -m dtf.run" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["strategy"] == "multi_worker" and summary["num_workers"] == 1
+    assert (tmp_path / "model.keras").exists()
+
+
+def test_strategy_names_are_the_flag_values(mirrored4):
+    assert strategy_lib.strategy_name(tf.distribute.get_strategy()) == "default"
+    assert strategy_lib.strategy_name(dtf.create_strategy("one_device")) == "one_device"
+    assert strategy_lib.strategy_name(mirrored4) == "mirrored"
+    assert "strategy=default " in strategy_lib.describe(tf.distribute.get_strategy())

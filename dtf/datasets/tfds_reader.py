@@ -1,6 +1,8 @@
 """TFDS glue shared by every TFDS-backed dataset: where data lives, building dtf's own builders offline, and reading a
 split as a `DatasetSplit` that shards by TFDS shard files through `tfds.ReadConfig(input_context=...)`."""
+import contextlib
 import fcntl
+import logging
 import os
 import time
 from typing import Optional
@@ -50,19 +52,38 @@ def prepare(builder_cls, config: str, data_dir: str, num_shards: int) -> tfds.co
 
     `num_shards` fixes the shard files per split, so file-level sharding works for up to that many input pipelines.
     """
-    builder = builder_cls(config=config, data_dir=data_dir)
-    if builder.is_prepared():  # no lock: a prepared data_dir may be read-only
-        return builder
-    with _build_lock(data_dir, builder_cls.name) as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _quiet_tfds():
         builder = builder_cls(config=config, data_dir=data_dir)
-        if not builder.is_prepared():
-            start = time.monotonic()
-            tfds.disable_progress_bar()  # dtf logs one line instead of TFDS's progress bars
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                num_shards=num_shards, try_download_gcs=False))
-            log.info(f"built {builder.info.full_name} into {data_dir} in {time.monotonic() - start:.1f}s")
+        if builder.is_prepared():  # no lock: a prepared data_dir may be read-only
+            return builder
+        with _build_lock(data_dir, builder_cls.name) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            builder = builder_cls(config=config, data_dir=data_dir)
+            if not builder.is_prepared():
+                start = time.monotonic()
+                tfds.disable_progress_bar()
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    num_shards=num_shards, try_download_gcs=False))
+                log.info(f"built {builder.info.full_name} into {data_dir} in {time.monotonic() - start:.1f}s")
     return builder
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """dtf says one line for a build. TFDS prints its steps to stdout ("Downloading and preparing dataset Unknown
+    size ...", "... downloaded and prepared to ...") and warns through absl about the folder it is still writing
+    ("Variant folder ... has no dataset_info.json"); errors still raise. --verbosity=debug keeps them."""
+    if logging.getLogger("dtf").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
+    finally:
+        absl_logger.setLevel(level)
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str, name: str, *, image_key: str = "image",
