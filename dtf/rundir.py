@@ -123,8 +123,8 @@ def decide(model_dir: str, plan: Dict[str, str], epochs: int, restart: bool = Fa
                         "--model_dir")
     if epochs == backup.epoch:  # at the end: finished, or killed while writing its outputs
         summary = _read_json(os.path.join(model_dir, "summary.json"))
-        if summary is not None and summary.get("epochs") == epochs and all(
-                tf.io.gfile.exists(os.path.join(model_dir, name)) for name in ("flags.txt",)):
+        if (summary is not None and summary.get("epochs") == epochs
+                and tf.io.gfile.exists(os.path.join(model_dir, "flags.txt"))):
             return Decision("finished", backup, summary=summary)
         return Decision("export", backup, message=f"the run in {model_dir} trained all {epochs} epochs but did not "
                         "write its outputs; writing them from its last backup")
