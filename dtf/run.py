@@ -11,11 +11,18 @@ from dtf import cli, exitcodes
 MODES = ("train", "evaluate_continuously")
 
 
+# What the evaluator takes from --model_dir's flags.txt when the command line names no data.
+RUN_DATA_FLAGS = ("task", "dataset", "model", "data_dir")
+
+
 def _define(argv):
+    """Defines the flags; an evaluator (--mode=evaluate_continuously) first gets its run's data flags into `argv`."""
     from absl import flags
 
     from dtf import flags as dtf_flags
 
+    if dtf_flags.arg_value(argv[1:], "mode") == "evaluate_continuously":
+        argv[:], _ = dtf_flags.with_run_data_flags(argv, RUN_DATA_FLAGS)
     dtf_flags.define_flags()
     if "mode" not in flags.FLAGS:
         flags.DEFINE_enum("mode", "train", MODES, "train, or evaluate_continuously: score each new checkpoint in "
