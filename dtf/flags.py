@@ -5,6 +5,7 @@ show up as sections of `--helpfull` (absl groups flags by the module name they a
 module's own flags are defined by importing it before parsing (`define_task_flags`), and recorded in the Config.
 """
 import dataclasses
+import os
 import typing
 from typing import List, Optional, Sequence, Tuple
 
@@ -104,8 +105,6 @@ def with_run_data_flags(argv: Sequence[str], names: Sequence[str], flag_values=F
     data and model — the flags `names` (of --task/--dataset/--model/--data_dir) and the task module's own flags —
     inserted ahead of the command line, which wins. Only when the command line names neither --task nor --dataset
     (naming one chooses the data); note says what was taken ("" when nothing)."""
-    import os
-
     args = _expanded(argv[1:], flag_values)
     model_dir = _last_value(args or [], "model_dir")
     if not model_dir or any(_last_value(args, name) is not None for name in ("task", "dataset")):

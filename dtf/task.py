@@ -254,6 +254,7 @@ def _reason(error: Exception) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
     lines = [line for line in lines if line and not line.startswith("Exception encountered")]
     reason = lines[0] if lines else type(error).__name__
+    reason = re.sub(r"\s*\[Op:\w+\].*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason))  # TF's op decorations
     return "" if re.search(r"\[\[|\[-?\d+\.\d|tf\.Tensor\(|array\(", reason) else reason
 
 

@@ -96,6 +96,8 @@ def test_rerun_resumes_without_new_trials(sweep):
     (["--tune_base_lr=0.1", "--objective=val_mean_absolute_error"],  # a classifier: known before trial 0 trains
      "--objective=val_mean_absolute_error is not a metric this task's model reports; choose one of: loss, accuracy, "
      "val_loss, val_accuracy"),
+    (["--tune_base_lr=0.1", "--objective=val_mean_absolute_error", "--num_tuners=2"],  # said once, not per process
+     "--objective=val_mean_absolute_error is not a metric this task's model reports"),
 ])
 def test_invalid_space_is_one_line_exit_2(tmp_path, space, message):
     proc = _run("dtf.tune", BASE + space + [f"--tune_dir={tmp_path / 'tune'}"], tmp_path)
