@@ -70,24 +70,54 @@ def row(summary: Optional[dict], batch: int, rule: str, target: float) -> dict:
                 gradient_noise_scale=summary.get("gradient_noise_scale"), wall_time_s=summary["wall_time_s"])
 
 
+def _cells(config, batches, rules, study_dir, warmup_epochs, lars_lr, num_replicas):
+    """[(batch, rule, the cell's config)] of the grid, in training order."""
+    return [(batch, rule, rule_config(config, batch, rule, warmup_epochs, lars_lr).replace(
+        model_dir=os.path.join(study_dir, f"b{batch}_{rule}"), measure_noise_scale=num_replicas >= 2))
+        for batch in batches for rule in rules]
+
+
+def check_grid(cells, batches, strategy):
+    """Fail with one line naming --batches before any run trains or anything is written: every cell's config, and
+    every batch against the replicas and the task's data (dtf.run's checks)."""
+    from dtf import train
+    from dtf.errors import UserError
+
+    given = ",".join(map(str, batches))
+    replicas = strategy.num_replicas_in_sync
+    wrong = [b for b in batches if b % replicas]
+    if wrong:
+        raise UserError(f"--batches={given}: {wrong[0]} is not divisible by the {replicas} replicas; use "
+                        f"multiples of {replicas}")
+    checked = set()
+    for batch, rule, cell in cells:
+        if batch in checked:
+            continue
+        checked.add(batch)
+        try:
+            train.Experiment(cell, strategy, train.resolve_cluster(cell))
+        except UserError as e:  # the batch is one of --batches here, not a --global_batch_size
+            flags = {name: "batches" if name == "global_batch_size" else flag for name, flag in e.arguments.items()}
+            raise UserError(f"--batches={given}: global batch {batch}: {e}", arguments=flags) from None
+
+
 def run_study(config, batches, rules, target, study_dir, warmup_epochs=1.0, lars_lr=0.3, strategy=None):
     """Train every (batch, rule) cell under one strategy (a second strategy in one process collides with the
-    first's collectives), rewriting the outputs after each cell; a diverged run is a result, not a failure."""
+    first's collectives), rewriting the outputs after each cell; a diverged run is a result, not a failure. The
+    whole grid is checked first."""
     from dtf import train
 
     strategy = strategy or train.create_strategy(config)
+    cells = _cells(config, batches, rules, study_dir, warmup_epochs, lars_lr, strategy.num_replicas_in_sync)
+    check_grid(cells, batches, strategy)
     rows = []
-    for batch in batches:
-        for rule in rules:
-            cell = rule_config(config, batch, rule, warmup_epochs, lars_lr).replace(
-                model_dir=os.path.join(study_dir, f"b{batch}_{rule}"),
-                measure_noise_scale=strategy.num_replicas_in_sync >= 2)
-            try:
-                summary = train.run_experiment(cell, strategy)
-            except train.TrainingDiverged:
-                summary = None
-            rows.append(row(summary, batch, rule, target))
-            write_outputs(rows, study_dir, target)
+    for batch, rule, cell in cells:
+        try:
+            summary = train.run_experiment(cell, strategy)
+        except train.TrainingDiverged:
+            summary = None
+        rows.append(row(summary, batch, rule, target))
+        write_outputs(rows, study_dir, target)
     return rows
 
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from dtf import cluster as cluster_lib
 from dtf import atomic
+from dtf import task as task_lib
 from dtf import train
 from dtf.errors import UserError
 from dtf.logs import get_logger
@@ -58,7 +59,9 @@ def evaluate_continuously(config, best_metric: str = "loss", direction: str = "m
         raise UserError(f"{exp.task_label} has no validation or test split: nothing for the evaluator to score")
     results_path = os.path.join(config.model_dir, RESULTS)
     results = _read(results_path)
-    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "tensorboard", EVAL_DIR))
+    writer = None  # made at the first score: nothing is written before the model is known to fit the data
+    data_label = f"--task={config.task}" if config.task else f"--dataset={config.dataset or task_lib.DEFAULT_DATASET}"
+    checked = False
     while True:
         finished = _training_finished(config.model_dir)
         pending = [p for p in _checkpoints(config.model_dir) if os.path.basename(p) not in results["checkpoints"]]
@@ -70,9 +73,14 @@ def evaluate_continuously(config, best_metric: str = "loss", direction: str = "m
                 if finished:
                     raise
                 break
+            if not checked:  # a model of other data: one line, not a traceback
+                task_lib.check_model_accepts(model, exp.sample_batch()[0], f"{path} on {data_label}",
+                                             "; give the --task or --dataset it was trained on")
+                checked = True
             scored += 1
             metrics = model.evaluate(exp.eval_data().dataset, verbose=0, return_dict=True)
             step = int(model.optimizer.iterations.numpy())
+            writer = writer or tf.summary.create_file_writer(os.path.join(config.model_dir, "tensorboard", EVAL_DIR))
             with writer.as_default(step=step):
                 for name, value in metrics.items():
                     tf.summary.scalar(f"eval_{name}", value)
@@ -91,7 +99,8 @@ def evaluate_continuously(config, best_metric: str = "loss", direction: str = "m
             _write(results_path, results)
             log.info(f"evaluated {name} at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if finished and not pending:
-            writer.close()
+            if writer is not None:
+                writer.close()
             return results
         if not scored:
             time.sleep(POLL_S)

@@ -5,8 +5,9 @@ show up as sections of `--helpfull` (absl groups flags by the module name they a
 module's own flags are defined by importing it before parsing (`define_task_flags`), and recorded in the Config.
 """
 import dataclasses
+import os
 import typing
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from absl import flags
 
@@ -68,13 +69,8 @@ def define_flags(flag_values=FLAGS, names: Optional[Sequence[str]] = None):
         flags.register_validator(field.name, _validator(field), flag_values=flag_values)
 
 
-def argv_value(argv: Sequence[str], name: str, flag_values=FLAGS) -> Optional[str]:
-    """The last --name on the command line or in its flagfiles, before the parse (None when absent or the flagfiles
-    do not read: the real parse then reports that)."""
-    try:
-        args = flag_values.read_flags_from_files(list(argv), force_gnu=False)
-    except flags.Error:
-        return None
+def _last_value(args: Sequence[str], name: str) -> Optional[str]:
+    """The last --name=V / --name V in expanded `args`, else None."""
     value = None
     for i, arg in enumerate(args):
         if arg.startswith(f"--{name}="):
@@ -84,9 +80,51 @@ def argv_value(argv: Sequence[str], name: str, flag_values=FLAGS) -> Optional[st
     return value
 
 
+def _expanded(argv: Sequence[str], flag_values=FLAGS) -> Optional[List[str]]:
+    """`argv` with its flagfiles read in (None when they do not read: the real parse then reports that)."""
+    try:
+        return flag_values.read_flags_from_files(list(argv), force_gnu=False)
+    except flags.Error:
+        return None
+
+
+def arg_value(argv: Sequence[str], name: str, flag_values=FLAGS) -> Optional[str]:
+    """The last --name on the command line or in its flagfiles, before parsing (None when absent or the flagfiles
+    do not read: the real parse then reports that)."""
+    args = _expanded(argv, flag_values)
+    return None if args is None else _last_value(args, name)
+
+
 def task_spec(argv: Sequence[str], flag_values=FLAGS) -> Optional[str]:
     """The last --task on the command line or in its flagfiles."""
-    return argv_value(argv, "task", flag_values)
+    return arg_value(argv, "task", flag_values)
+
+
+def with_run_data_flags(argv: Sequence[str], names: Sequence[str], flag_values=FLAGS) -> Tuple[List[str], str]:
+    """(argv, note): a command reading a finished run (`--model_dir=RUN`) takes what RUN/flags.txt recorded of its
+    data and model — the flags `names` (of --task/--dataset/--model/--data_dir) and the task module's own flags —
+    inserted ahead of the command line, which wins. Only when the command line names neither --task nor --dataset
+    (naming one chooses the data); note says what was taken ("" when nothing)."""
+    args = _expanded(argv[1:], flag_values)
+    model_dir = _last_value(args or [], "model_dir")
+    if not model_dir or any(_last_value(args, name) is not None for name in ("task", "dataset")):
+        return list(argv), ""
+    path = os.path.join(model_dir, "flags.txt")
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.startswith("--")]
+    except OSError:
+        return list(argv), ""
+    dtf_flags = {f.name for f in dataclasses.fields(config_lib.Config) if f.metadata["flag"]}
+
+    def name_of(line):
+        name = line[2:].split("=", 1)[0]
+        return name[2:] if "=" not in line and name.startswith("no") and name[2:] in dtf_flags else name
+
+    taken = [line for line in lines if name_of(line) in names or name_of(line) not in dtf_flags]
+    if not any(name_of(line) in ("task", "dataset") for line in taken):
+        return list(argv), ""
+    return [argv[0], *taken, *argv[1:]], f"{' '.join(taken)} (from {path})"
 
 
 def define_task_flags(argv: Sequence[str], flag_values=FLAGS):

@@ -1,15 +1,18 @@
-"""`python -m dtf.predict --model_dir=runs/x (or --model=m.keras) --task=... (or --dataset=...) --output=preds.csv`
+"""`python -m dtf.predict --model_dir=runs/x (or --model=m.keras) [--task=... or --dataset=...] --output=preds.csv`
 
-Runs a trained model over a dataset split (default test) with data parallelism: any strategy (--strategy,
+Runs a trained model over a dataset split with data parallelism: any strategy (--strategy,
 --num_cpu_devices; TF_CONFIG or `dtf.launch` for workers). The chief writes every example's prediction exactly once,
 in input order (row/id i is example i of the split), to .npy, .npz, .csv (an `id` column first) or .tfrecord.
 --output_values: the model's outputs as they are (logits), probabilities (softmax; sigmoid for one unit), or argmax
 (the class). A --task module is imported first, so its custom layers and losses load and its preprocess_batch
-(training=False) prepares the data.
+(training=False) prepares the data. With --model_dir and neither --task nor --dataset, the run's own --task (and
+its task flags) or --dataset/--data_dir come from the run's flags.txt; the default --split is the split the run
+evaluated on (a task's validation split, else its test split; a built-in dataset's test split, else validation).
 """
 import glob
 import os
 import sys
+from typing import Optional
 
 from dtf import cli
 from dtf.errors import UserError
@@ -18,22 +21,29 @@ from dtf.errors import UserError
 SHARED = ("strategy", "num_cpu_devices", "num_gpus", "communication", "cross_device_ops", "num_packs",
           "cluster_timeout", "worker_hosts", "task_index", "cluster_resolver", "task", "dataset", "data_dir",
           "global_batch_size", "progress")
+# What --model_dir's flags.txt gives when the command line names no data (predict's --model is a file, not the run's).
+RUN_DATA_FLAGS = ("task", "dataset", "data_dir")
 PROGRESS_EVERY_S = 5.0
+_taken_from_run = [""]  # what _define took from --model_dir's flags.txt, said once the run starts
 
 
 def _define(argv):
+    """Defines the flags; with --model_dir, first inserts the run's data flags into `argv` (cli.main parses it next)."""
     from absl import flags
 
     from dtf import flags as dtf_flags
     from dtf import inference
 
+    argv[:], _taken_from_run[0] = dtf_flags.with_run_data_flags(argv, RUN_DATA_FLAGS)
     dtf_flags.define_flags(names=SHARED)
     module = "dtf: predict"
     if "output" not in flags.FLAGS:
         flags.DEFINE_string("model", None, "A saved model (.keras) to run.", module_name=module)
         flags.DEFINE_string("model_dir", None, "A dtf run's --model_dir: its model.keras, else its newest "
                             "checkpoints/*.keras.", module_name=module)
-        flags.DEFINE_string("split", "test", "The split to predict: train, validation or test.", module_name=module)
+        flags.DEFINE_string("split", None, "The split to predict: train, validation or test (default: the one the "
+                            "run evaluated on: validation, else test; a built-in dataset's test, else validation).",
+                            module_name=module)
         flags.DEFINE_string("output", None, "Where the chief writes predictions: .npy, .npz, .csv or .tfrecord.",
                             module_name=module)
         flags.DEFINE_boolean("overwrite", False, "Replace an existing --output.", module_name=module)
@@ -63,8 +73,8 @@ def model_path(model, model_dir) -> str:
                     "or --checkpoint_every, or give --model")
 
 
-def _data(config, split_name: str):
-    """(split, preprocess_batch or None, label) from --task or --dataset."""
+def _data(config, split_name: Optional[str]):
+    """(split, preprocess_batch or None, label) from --task or --dataset; split_name None: the evaluation split."""
     from dtf import datasets
     from dtf import task as task_lib
 
@@ -75,7 +85,15 @@ def _data(config, split_name: str):
         overridden = type(task).preprocess_batch is not task_lib.Task.preprocess_batch
         return split, (lambda batch: task.preprocess_batch(batch, training=False)) if overridden else None, label
     dataset = config.dataset or task_lib.DEFAULT_DATASET
-    return datasets.load(dataset, split_name, config.data_dir), None, f"--dataset={dataset}"
+    label = f"--dataset={dataset}"
+    if split_name is not None:
+        return datasets.load(dataset, split_name, config.data_dir), None, label
+    for name in ("test", "validation"):  # as the built-in task evaluates
+        try:
+            return datasets.load(dataset, name, config.data_dir), None, label
+        except UserError:
+            continue
+    raise UserError(f"{label} has no test or validation split; give --split (e.g. --split=train)")
 
 
 def _check_fit(model, split, preprocess_batch, model_label: str, data_label: str):
@@ -86,7 +104,8 @@ def _check_fit(model, split, preprocess_batch, model_label: str, data_label: str
 
     batch = next(iter(split.read(None).take(2).batch(2)))
     x, _, _ = keras.utils.unpack_x_y_sample_weight(preprocess_batch(batch) if preprocess_batch else batch)
-    return task_lib.check_model_accepts(model, x, f"{model_label} on {data_label} --split={split.split}")
+    return task_lib.check_model_accepts(model, x, f"{model_label} on {data_label} --split={split.split}",
+                                        "; give the --task or --dataset it was trained on")
 
 
 def _body(rest):
@@ -103,6 +122,8 @@ def _body(rest):
 
     log = get_logger("dtf.predict")
     FLAGS = flags.FLAGS
+    if _taken_from_run[0]:
+        log.info(f"the run's data: {_taken_from_run[0]}")
     config = Config(**{name: FLAGS[name].value for name in SHARED})
     if not FLAGS.output:
         raise UserError("--output is required, e.g. --output=preds.csv (or .npy, .npz, .tfrecord)")

@@ -11,11 +11,18 @@ from dtf import cli, exitcodes
 MODES = ("train", "evaluate_continuously")
 
 
+# What the evaluator takes from --model_dir's flags.txt when the command line names no data.
+RUN_DATA_FLAGS = ("task", "dataset", "model", "data_dir")
+
+
 def _define(argv):
+    """Defines the flags; an evaluator (--mode=evaluate_continuously) first gets its run's data flags into `argv`."""
     from absl import flags
 
     from dtf import flags as dtf_flags
 
+    if dtf_flags.arg_value(argv[1:], "mode") == "evaluate_continuously":
+        argv[:], _ = dtf_flags.with_run_data_flags(argv, RUN_DATA_FLAGS)
     dtf_flags.define_flags()
     if "mode" not in flags.FLAGS:
         flags.DEFINE_enum("mode", "train", MODES, "train, or evaluate_continuously: score each new checkpoint in "
@@ -37,16 +44,16 @@ def _fence_data_service(argv):
     from dtf import cluster as cluster_lib
     from dtf import data_service
     from dtf.errors import UserError
-    from dtf.flags import argv_value
+    from dtf.flags import arg_value
 
     try:
         multi_worker = cluster_lib.parse_tf_config().is_multi_worker
     except UserError:  # the run reports it; no fence meanwhile
         multi_worker = True
-    multi_worker = (multi_worker or bool(argv_value(argv, "worker_hosts"))
-                    or argv_value(argv, "cluster_resolver") == "slurm")
-    paths = (argv_value(argv, "model_dir"), argv_value(argv, "data_dir") or os.environ.get("DTF_DATA_DIR"))
-    data_service.fence(argv_value(argv, "data_service"), paths, multi_worker)
+    multi_worker = (multi_worker or bool(arg_value(argv, "worker_hosts"))
+                    or arg_value(argv, "cluster_resolver") == "slurm")
+    paths = (arg_value(argv, "model_dir"), arg_value(argv, "data_dir") or os.environ.get("DTF_DATA_DIR"))
+    data_service.fence(arg_value(argv, "data_service"), paths, multi_worker)
 
 
 def _body(rest):

@@ -172,9 +172,14 @@ def _datasets(task: Task, label: str) -> dict:
     return out
 
 
-def split(task: Task, label: str, name: str, flag: str = "--split") -> DatasetSplit:
-    """One split of `task.datasets()` by name, checked like the training splits (for inference)."""
+def split(task: Task, label: str, name: Optional[str], flag: str = "--split") -> DatasetSplit:
+    """One split of `task.datasets()` by name (None: the one a run evaluates on), checked like the training splits
+    (for inference)."""
     out = _datasets(task, label)
+    if name is None:
+        name = next((s for s in EVAL_SPLITS if out.get(s) is not None), None)
+        if name is None:
+            raise UserError(f"{label} has no validation or test split; give {flag} (e.g. {flag}={TRAIN})")
     if out.get(name) is None:
         given = ", ".join(k for k, v in out.items() if v is not None) or "none"
         raise UserError(f"{flag}={name}: {label} has no {name!r} split (it has: {given}); choose one of those")
@@ -229,22 +234,36 @@ def _check_unbatched(label: str, name: str, dataset):
         pending.extend(current._inputs())
 
 
-def check_model_accepts(model, features, label: str):
-    """The model's output on one real batch, or a UserError naming the data's and the model's input shapes."""
+def check_model_accepts(model, features, label: str, fix: str = ""):
+    """The model's output on one real batch, or a UserError naming the data's and the model's input shapes and
+    dtypes (then `fix`, what to do about it)."""
     import tensorflow as tf
 
     try:
         return model(features, training=False)
-    except (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError) as e:
-        raise UserError(f"{label}: the model does not accept the data: features {_shapes(features)}, model inputs "
-                        f"{_model_inputs(model)} ({_reason(e)})") from None
+    except (ValueError, TypeError, KeyError, tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
+        reason = _reason(e)
+        raise UserError(f"{label}: the model does not accept the data: features {_shapes(features)}"
+                        f"{_dtypes(features)}, model inputs {_model_inputs(model)}"
+                        f"{f' ({reason})' if reason else ''}{fix}") from None
 
 
 def _reason(error: Exception) -> str:
-    """The line of a Keras error that says what is wrong (not its "Exception encountered when calling" header)."""
+    """The line of a Keras error that says what is wrong (not its "Exception encountered when calling" header), or
+    "" when that line quotes tensor values (the shapes already say it)."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
     lines = [line for line in lines if line and not line.startswith("Exception encountered")]
-    return lines[0] if lines else type(error).__name__
+    reason = lines[0] if lines else type(error).__name__
+    reason = re.sub(r"\s*\[Op:\w+\].*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason))  # TF's op decorations
+    return "" if re.search(r"\[\[|\[-?\d+\.\d|tf\.Tensor\(|array\(", reason) else reason
+
+
+def _dtypes(structure) -> str:
+    """" of dtype D" when every feature has one dtype D other than float32 (a dtype mismatch is then visible)."""
+    import keras
+
+    dtypes = {keras.backend.standardize_dtype(t.dtype) for t in keras.tree.flatten(structure)}
+    return f" of dtype {dtypes.pop()}" if len(dtypes) == 1 and dtypes != {"float32"} else ""
 
 
 def _shapes(structure):

@@ -44,6 +44,7 @@ TUNERS = ("random", "bayesian", "hyperband", "grid")
 PROJECT = "sweep"
 SPACE_FILE = "space.json"
 TRIALS_DIR = "trial_info"
+BEST_FLAGS, PLOT = "best.flags", "objective_vs_batch.png"
 # Space flag -> (Config field, value type).
 SPACE_FLAGS = {
     "tune_global_batch_sizes": ("global_batch_size", int),
@@ -176,6 +177,40 @@ def validate_space(space: dict, base_config, num_replicas: int, tuner: str, max_
             raise UserError(f"search space point {overrides}: {e}")
         if config.global_batch_size:
             scaling.BatchPlan.create(num_replicas, global_batch_size=config.global_batch_size)
+
+
+def reported_metrics(exp) -> List[str]:
+    """The metric names a trial of `exp` reports (its history's keys but dtf's EPOCH_SCALARS): the compiled model's,
+    and their val_ twins when the task has an evaluation split. Known from one symbolic build on one real batch;
+    nothing trains."""
+    model = exp.build_model()
+    with exp.strategy.scope():
+        model._symbolic_build(data_batch=exp.sample_batch())
+    names = list(model.get_metrics_result())
+    return names + ([f"val_{name}" for name in names] if exp.eval_split is not None else [])
+
+
+def check_against_data(space: dict, config, strategy, cluster, task, objective: str):
+    """Fail with one line before any trial trains or anything is written: each global batch of the space against
+    the task's data (dtf.run's checks), and --objective against the metrics the task's model reports."""
+    from dtf import train
+    from dtf.errors import UserError
+    from dtf.summaries import EPOCH_SCALARS
+
+    exp = None
+    for batch in space.get("global_batch_size", {}).get("values") or [None]:
+        trial_config = config if batch is None else config.replace(global_batch_size=batch,
+                                                                    per_replica_batch_size=None)
+        try:
+            exp = train.Experiment(trial_config, strategy, cluster, task)
+        except UserError as e:
+            if batch is None:
+                raise
+            raise UserError(f"--tune_global_batch_sizes: {batch}: {e.as_flags()}") from None
+    names = reported_metrics(exp)
+    if objective not in names and objective not in EPOCH_SCALARS:
+        raise UserError(f"--objective={objective} is not a metric this task's model reports; choose one of: "
+                        f"{', '.join(names)}")
 
 
 def _space_signature(space: dict, flag_values) -> dict:
@@ -367,6 +402,17 @@ def _tuner_class(name: str):
             "grid": kt.GridSearch}[name]
 
     class DtfTuner(base):
+        def _populate_initial_space(self):
+            """keras-tuner reloads a sweep only if this process's own tuner file (<tuner id>.json) exists, so a
+            sweep begun with another --num_tuners (tuner0 vs chief) would start over; the sweep is the oracle's
+            state: whoever serves it reloads it when it exists."""
+            import tensorflow as tf
+
+            if not self._is_worker() and tf.io.gfile.exists(self.oracle._get_oracle_fname()):
+                self.oracle.reload()
+            else:
+                super()._populate_initial_space()
+
         def run_trial(self, trial, *args, **kwargs):
             self.hypermodel.trial_id = trial.trial_id
             return super().run_trial(trial, *args, **kwargs)
@@ -420,8 +466,12 @@ def collect_results(tuner, tune_dir: str, config) -> List[dict]:
     return rows
 
 
-def write_results(rows: List[dict], tune_dir: str):
+def write_results(rows: List[dict], tune_dir: str) -> bool:
+    """Write results.csv unless it already holds exactly these rows (a finished sweep's rerun leaves it as it is);
+    whether it was written."""
     import io
+
+    import tensorflow as tf
 
     from dtf import atomic
 
@@ -429,7 +479,15 @@ def write_results(rows: List[dict], tune_dir: str):
     w = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
     w.writeheader()
     w.writerows(rows)
-    atomic.write_text(os.path.join(tune_dir, "results.csv"), text.getvalue())
+    path = os.path.join(tune_dir, "results.csv")
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            if f.read() == text.getvalue():
+                return False
+    except tf.errors.NotFoundError:
+        pass
+    atomic.write_text(path, text.getvalue())
+    return True
 
 
 def format_table(rows: List[dict]) -> str:
@@ -462,7 +520,7 @@ def write_best_flags(best: dict, tune_dir: str, config) -> str:
     if overrides["warmup_epochs"] and config.warmup_steps is not None:
         overrides["warmup_steps"] = None
     best_config = config.replace(**overrides)
-    path = os.path.join(tune_dir, "best.flags")
+    path = os.path.join(tune_dir, BEST_FLAGS)
     atomic.write_text(path, f"# dtf.tune best trial {best['trial']}: {best['objective']} "
                             f"(train it: python -m dtf.run --flagfile={path})\n" + best_config.to_flagfile())
     return path
@@ -491,7 +549,7 @@ def plot(rows: List[dict], tune_dir: str, objective: str) -> Optional[str]:
     ax.set_ylabel(objective)
     ax.set_title(f"dtf.tune: {len(done)} completed of {len(rows)} trials")
     fig.tight_layout()
-    path = os.path.join(tune_dir, "objective_vs_batch.png")
+    path = os.path.join(tune_dir, PLOT)
     with atomic.replacing(path) as tmp, tf.io.gfile.GFile(tmp, "wb") as f:
         fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
@@ -560,11 +618,13 @@ def _body(rest):
     strategy = train.create_strategy(config)
     validate_space(space, config, strategy.num_replicas_in_sync, tuner_name, FLAGS.max_trials,
                    FLAGS.executions_per_trial)
+    task = task_lib.from_config(config)
+    check_against_data(space, config, strategy, cluster, task, objective)
     train.check_model_dir(tune_dir, "--tune_dir")
     _check_signature(tune_dir, _space_signature(space, FLAGS), write=role in (None, "chief"))
 
     hypermodel_class, objective_not_reported = _make_hypermodel_class()
-    hypermodel = hypermodel_class(space, strategy, cluster, tune_dir, task_lib.from_config(config), objective)
+    hypermodel = hypermodel_class(space, strategy, cluster, tune_dir, task, objective)
     tuner = make_tuner(tuner_name, hypermodel, objective, direction, FLAGS.max_trials, FLAGS.executions_per_trial, tune_dir,
                        strategy, config.seed, config.epochs)
     tuner.oracle.verbose = 0
@@ -597,16 +657,21 @@ def _body(rest):
         search()
     ran = len(tuner.oracle.trials) - before
     rows = collect_results(tuner, tune_dir, config)
-    write_results(rows, tune_dir)
+    changed = write_results(rows, tune_dir)
     print(format_table(rows))
     print(f"dtf.tune: {ran} new trial(s) in {time.time() - start:.1f}s, {len(rows)} in total; "
-          f"results in {os.path.join(tune_dir, 'results.csv')}")
-    plot(rows, tune_dir, objective)
+          f"results in {os.path.join(tune_dir, 'results.csv')}" + ("" if changed else " (unchanged)"))
+    import tensorflow as tf
+
+    if changed or not tf.io.gfile.exists(os.path.join(tune_dir, PLOT)):
+        plot(rows, tune_dir, objective)
     best = best_row(rows, direction)
     if best is None:
         raise UserError(f"no trial of the {len(rows)} completed (see {tune_dir}/results.csv); lower --tune_base_lr "
                         "or add warmup")
-    path = write_best_flags(best, tune_dir, config)
+    path = os.path.join(tune_dir, BEST_FLAGS)
+    if changed or not tf.io.gfile.exists(path):
+        write_best_flags(best, tune_dir, config)
     print(f"dtf.tune: best trial {best['trial']}: {objective}={float(best['objective']):.4f} "
           f"(global batch {best['global_batch_size']}, base_lr {float(best['base_lr']):.4g}, peak LR "
           f"{float(best['peak_lr']):.4g}); train it: python -m dtf.run --flagfile={path}")

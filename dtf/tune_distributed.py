@@ -11,6 +11,7 @@ ORACLE_HOST = "127.0.0.1"
 # Set by the --num_tuners launcher on the chief: the tuner ids it must see stopped before it exits (see serve_oracle).
 NUM_TUNERS_ENV = "DTF_TUNE_NUM_TUNERS"
 PORT_RETRIES = 2
+ERROR_PREFIX = "dtf.tune: error: "
 
 
 def role() -> Optional[str]:
@@ -48,7 +49,8 @@ def launch(argv: Sequence[str], num_tuners: int) -> int:
     import threading
 
     from dtf import cluster as cluster_lib
-    from dtf import procs
+    from dtf import exitcodes, procs
+    from dtf.errors import UserError
 
     names = ["chief"] + [f"tuner{i}" for i in range(num_tuners)]
     command = procs.python_command("-m", "dtf.tune", *_strip_flag(list(argv[1:]), "num_tuners"))
@@ -57,7 +59,12 @@ def launch(argv: Sequence[str], num_tuners: int) -> int:
     width = max(len(n) for n in names)
     lock = threading.Lock()
 
+    errors = {}  # a process's own "dtf.tune: error: ..." line, reported once it is known how that process ended
+
     def on_line(i, line):
+        if line.startswith(ERROR_PREFIX):
+            errors[i] = line
+            return
         with lock:
             print(f"[{names[i]:>{width}}] {line}", flush=True)
 
@@ -80,6 +87,10 @@ def launch(argv: Sequence[str], num_tuners: int) -> int:
                 and ("could not serve the oracle on" in failed.output)):
             print(f"dtf.tune: port {port} was taken; retrying on a fresh port", file=sys.stderr, flush=True)
             continue
+        if failed.returncode == exitcodes.USER_ERROR and failed.index in errors:  # every process checks the flags
+            raise UserError(errors[failed.index][len(ERROR_PREFIX):])  # alike: say it once, as dtf.tune itself
+        for i in sorted(errors):
+            print(f"[{names[i]:>{width}}] {errors[i]}", flush=True)
         print(f"dtf.tune: error: {names[failed.index]} failed ({failed.status}); stopped all "
               f"{len(names)} processes. Rerun the same command to resume the sweep.", file=sys.stderr, flush=True)
         return failed.returncode if failed.returncode and failed.returncode > 0 else 1

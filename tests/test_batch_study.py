@@ -63,3 +63,19 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].endswith("--batches is required: the global batch sizes to train, "
                                                          "e.g. --batches=64,128,256")
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("batches, words", [
+    ([32, 34], "--batches=32,34: 34 is not divisible by the 4 replicas; use multiples of 4"),
+    ([32, 4000], "--batches=32,4000: global batch 4000: the training data has 1437 examples, fewer than one global "
+                 "batch (--batches=4000); lower --batches to at most"),
+])
+def test_the_whole_grid_is_checked_before_any_run(mirrored4, tmp_path, batches, words):
+    """A bad batch late in the ladder stops the study before its first run trains or writes anything."""
+    from dtf import config as config_lib
+
+    config = config_lib.Config(dataset="digits", model="mlp", epochs=1)
+    with pytest.raises(dtf.UserError) as e:
+        batch_study.run_study(config, batches, ["none", "linear"], 0.5, str(tmp_path / "study"), strategy=mirrored4)
+    assert e.value.as_flags().startswith(words), e.value.as_flags()
+    assert not (tmp_path / "study").exists()

@@ -131,3 +131,62 @@ def test_finished_run_is_scored_once_and_a_restart_scores_nothing_again(tmp_path
     assert json.loads(written) == json.loads(json.dumps(results))
     assert evaluator.evaluate_continuously(config, "mean_absolute_error", "min") == json.loads(written)
     assert (tmp_path / "eval_results.json").read_text() == written
+
+
+EVALUATOR_SCRIPT = r'''
+import contextlib, io, json, sys
+from absl import flags
+from dtf import run
+results = []
+for argv in json.loads(sys.argv[1]):
+    flags.FLAGS.unparse_flags()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run.main(["dtf.run", "--mode=evaluate_continuously", *argv])
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+'''
+
+
+def test_evaluator_with_only_model_dir_reads_the_run(tmp_path):
+    """`--mode=evaluate_continuously --model_dir=RUN` alone takes the run's --task and task flags from its
+    flags.txt: the task module is imported (the checkpoints' registered custom loss loads) and the scores equal the
+    evaluator's with that task given. Another --dataset is one line naming it, and writes nothing."""
+    import shutil
+
+    from absl import flags
+
+    from dtf import evaluator, train
+    from dtf.config import Config
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    config = Config(task=f"{os.path.abspath(tasks_for_tests.__file__)}:Regression", task_flags=("--test_loss=mean",),
+                    epochs=2, checkpoint_every=1, global_batch_size=32, base_lr=0.05, lr_scaling="none",
+                    model_dir=str(run), strategy="default")
+    flags.FLAGS["test_loss"].value = "mean"  # what --test_loss=mean does to the task (flags are not parsed here)
+    try:
+        train.run_experiment(config)
+        shutil.copytree(run, other)
+        shutil.copytree(run, tmp_path / "reference")
+        files = sorted(p for p in other.rglob("*"))
+        reference = evaluator.evaluate_continuously(config.replace(model_dir=str(tmp_path / "reference")))
+    finally:
+        flags.FLAGS["test_loss"].value = "per_example"
+    assert "--test_loss=mean" in (run / "flags.txt").read_text()
+    cases = [[f"--model_dir={run}"], [f"--model_dir={other}", "--dataset=synthetic"]]
+    proc = subprocess.run([sys.executable, "-c", EVALUATOR_SCRIPT, json.dumps(cases)], capture_output=True,
+                          text=True, timeout=240, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (alone, alone_err), (wrong, wrong_err) = json.loads(proc.stdout.splitlines()[-1])
+    assert alone == 0, alone_err
+    scored = json.loads((run / "eval_results.json").read_text())
+    assert list(scored["checkpoints"]) == list(reference["checkpoints"]) == ["epoch_001.keras", "epoch_002.keras"]
+    for name, result in scored["checkpoints"].items():
+        assert result["step"] == reference["checkpoints"][name]["step"]
+        for metric, value in reference["checkpoints"][name]["metrics"].items():
+            assert result["metrics"][metric] == pytest.approx(value, abs=TOL), (name, metric)
+    assert wrong == 2 and wrong_err.count("\n") == 1 and "Traceback" not in wrong_err, wrong_err
+    assert wrong_err.startswith(f"dtf.run: error: {other}/checkpoints/epoch_001.keras on --dataset=synthetic: the "
+                                "model does not accept the data: features (") and \
+        wrong_err.endswith("model inputs (None, 8); give the --task or --dataset it was trained on\n"), wrong_err
+    assert sorted(p for p in other.rglob("*")) == files  # nothing written

@@ -334,3 +334,52 @@ def test_two_workers_via_launch_equal_one_device_predict(saved, tmp_path):
     print(f"2 workers: max |dtf.predict - model.predict on 1 device| = {diff:.1e}")
     assert diff < TOL
     assert os.listdir(tmp_path) == ["preds.npy"]  # the chief's file only
+
+
+def test_model_dir_alone_reads_the_run_task_and_evaluation_split(tmp_path):
+    """A run trained with --task: `--model_dir` alone imports that task (its custom layer loads, its inference
+    preprocessing applies) and predicts its evaluation split, exactly as with --task and --split given; other data
+    is one line naming --dataset, and writes nothing."""
+    from dtf import train
+    from dtf.config import Config
+
+    run = tmp_path / "run"
+    train.run_experiment(Config(task=TASK, epochs=1, steps_per_epoch=2, global_batch_size=32, strategy="default",
+                                model_dir=str(run)))
+    cases = [[f"--model_dir={run}", f"--output={tmp_path / 'alone.npy'}"],  # first: no task imported yet
+             [f"--model_dir={run}", f"--task={TASK}", "--split=test", f"--output={tmp_path / 'given.npy'}"],
+             [f"--model_dir={run}", "--dataset=synthetic", f"--output={tmp_path / 'other.npy'}"]]
+    proc = subprocess.run([sys.executable, "-c", ERRORS_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=240, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (alone, alone_err), (given, given_err), (other, other_err) = json.loads(proc.stdout.splitlines()[-1])
+    assert alone == 0 and given == 0, alone_err + given_err
+    assert f"the run's data: --task={TASK} (from {run / 'flags.txt'})" in proc.stderr  # dtf's log (its own stream)
+    predictions = np.load(tmp_path / "alone.npy")
+    assert predictions.shape == (tasks_for_predict.NUM_TEST, tasks_for_predict.CLASSES)
+    assert np.array_equal(predictions, np.load(tmp_path / "given.npy"))
+    assert other == 2 and other_err.count("\n") == 1 and "Traceback" not in other_err, other_err
+    assert re.fullmatch(rf"dtf.predict: error: {re.escape(str(run))}/model.keras on --dataset=synthetic --split=test: "
+                        r"the model does not accept the data: features \(2, [\d, ]+\), model inputs \(None, 6\); "
+                        r"give the --task or --dataset it was trained on\n", other_err), other_err
+    assert not (tmp_path / "other.npy").exists()
+
+
+def test_run_data_flags_come_from_flags_txt_unless_the_command_line_names_the_data(tmp_path):
+    """The run's --task (or --dataset) and its task's own flags go ahead of the command line (which wins); dtf flags
+    other than the data's stay the command's; naming --task or --dataset takes nothing from the run."""
+    from absl import flags
+
+    from dtf import flags as dtf_flags
+
+    (tmp_path / "flags.txt").write_text("# --- task\n--task=t.py:T\n--hidden_units=64\n--nouse_bias\n# --- data\n"
+                                        "--global_batch_size=32\n--strategy=mirrored\n--nodeterministic\n")
+    fresh = flags.FlagValues()
+    argv = ["prog", f"--model_dir={tmp_path}", "--hidden_units=8"]
+    taken, note = dtf_flags.with_run_data_flags(argv, ("task", "dataset", "data_dir"), fresh)
+    assert taken == ["prog", "--task=t.py:T", "--hidden_units=64", "--nouse_bias", *argv[1:]]
+    assert note == f"--task=t.py:T --hidden_units=64 --nouse_bias (from {tmp_path / 'flags.txt'})"
+    for named in ("--dataset=digits", "--task=u.py:U"):
+        assert dtf_flags.with_run_data_flags([*argv, named], ("task",), fresh) == ([*argv, named], "")
+    assert dtf_flags.with_run_data_flags(["prog", f"--model_dir={tmp_path / 'none'}"], ("task",), fresh) == \
+        (["prog", f"--model_dir={tmp_path / 'none'}"], "")

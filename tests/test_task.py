@@ -218,6 +218,23 @@ def test_model_that_does_not_take_the_data_names_both_shapes(strategies, tmp_pat
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("features, words", [
+    ([["a", "b", "c"]], "features (1, 3) of dtype string, model inputs (None, 3) (Cast string to float is not "
+                        "supported); fix it"),
+    ([[[0.5, 0.25]]], "features (1, 1, 2), model inputs (None, 3); fix it"),  # Keras's reason quotes the values
+])
+def test_model_data_mismatch_is_one_line_without_tensor_values(features, words):
+    import keras
+    import tensorflow as tf
+
+    from dtf import task as task_lib
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(UserError) as e:
+        task_lib.check_model_accepts(model, tf.constant(features), "--dataset=d", "; fix it")
+    assert str(e.value) == f"--dataset=d: the model does not accept the data: {words}"
+
+
 def test_build_model_must_return_a_keras_model(strategies, tmp_path):
     exp = experiment(Custom({"train": _examples()}, lambda: "not a model"), strategies["one"], tmp_path)
     with pytest.raises(UserError, match=r"build_model\(\) returned a str; return a keras.Model"):

@@ -74,15 +74,16 @@ def test_best_flags_trains_with_dtf_run(sweep):
     assert summary["final_metrics"]["val_accuracy"] == pytest.approx(float(best_row["objective"]), abs=1e-3)
 
 
+OUTPUTS = ("results.csv", "best.flags", "objective_vs_batch.png")
+
+
 def test_rerun_resumes_without_new_trials(sweep):
     tmp, flagfile, _ = sweep
-    before = _rows(tmp / "tune")
+    before = {name: (tmp / "tune" / name).read_bytes() for name in OUTPUTS}
     proc = _run("dtf.tune", [f"--flagfile={flagfile}"], tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "dtf.tune: 0 new trial(s)" in proc.stdout
-    after = _rows(tmp / "tune")
-    assert [(r["trial"], r["status"], r["objective"]) for r in after] == \
-        [(r["trial"], r["status"], r["objective"]) for r in before]
+    assert "dtf.tune: 0 new trial(s)" in proc.stdout and "(unchanged)" in proc.stdout
+    assert {name: (tmp / "tune" / name).read_bytes() for name in OUTPUTS} == before  # a finished sweep stays as it is
 
 
 @pytest.mark.parametrize("space, message", [
@@ -92,6 +93,11 @@ def test_rerun_resumes_without_new_trials(sweep):
     (["--tune_global_batch_sizes=32,33"], "33 is not divisible by the 2 replicas"),
     (["--tune_lr_scaling=linear,cubic"], "--lr_scaling='cubic' is not valid"),
     ([], "nothing to tune"),
+    (["--tune_base_lr=0.1", "--objective=val_mean_absolute_error"],  # a classifier: known before trial 0 trains
+     "--objective=val_mean_absolute_error is not a metric this task's model reports; choose one of: loss, accuracy, "
+     "val_loss, val_accuracy"),
+    (["--tune_base_lr=0.1", "--objective=val_mean_absolute_error", "--num_tuners=2"],  # said once, not per process
+     "--objective=val_mean_absolute_error is not a metric this task's model reports"),
 ])
 def test_invalid_space_is_one_line_exit_2(tmp_path, space, message):
     proc = _run("dtf.tune", BASE + space + [f"--tune_dir={tmp_path / 'tune'}"], tmp_path)
@@ -99,7 +105,7 @@ def test_invalid_space_is_one_line_exit_2(tmp_path, space, message):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("dtf.tune: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "tune" / "sweep").exists()  # no trial ran
+    assert not (tmp_path / "tune").exists()  # no trial ran, nothing written: a corrected rerun starts clean
 
 
 def test_tensorboard_serves_trial_hparams(sweep):
@@ -334,6 +340,28 @@ def test_num_tuners_resume_after_chief_killed(tmp_path):
     assert rerun_ids == {"0", "1", "2", "3"} - done_before, (done_before, rerun_ids)  # only the unfinished ones
     assert "Traceback" not in rerun.output
     assert _wait_gone(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_finished_sweep_rerun_with_num_tuners_trains_nothing(sweep):
+    """The finished single-process sweep rerun as a chief + 2 tuner workers: the chief reloads the sweep (keras-tuner
+    alone would only reload a chief's own state and start over), hands out no trial, and leaves the outputs as
+    they are."""
+    tmp, flagfile, _ = sweep
+    before = {name: (tmp / "tune" / name).read_bytes() for name in OUTPUTS}
+    run = _Launch([f"--flagfile={flagfile}", "--num_tuners=2"], tmp)
+    try:
+        assert run.wait(DIST_TIMEOUT_S) == 0, run.output[-4000:]
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+    out = run.output
+    assert "[ chief] dtf.tune: 0 new trial(s)" in out, out[-3000:]
+    assert not re.search(r"trial \d+ -> tuner", out) and not re.search(r"\] trial \d+: epoch", out), out[-3000:]
+    assert "tuner0 ran 0 trial(s)" in out and "tuner1 ran 0 trial(s)" in out
+    assert {name: (tmp / "tune" / name).read_bytes() for name in OUTPUTS} == before
+    assert "Traceback" not in out
+    assert _wait_gone(str(tmp / "tune")) == []
 
 
 def test_hyperband_promoted_trial_continues_its_parent(run_python, tmp_path):
