@@ -13,6 +13,8 @@ import uuid
 
 import tensorflow as tf
 
+from dtf.errors import WriteFailed
+
 
 def _temporary_name(path: str) -> str:
     """A unique hidden name next to `path` that keeps its suffix (Keras insists on `.keras` / `.weights.h5`)."""
@@ -21,12 +23,24 @@ def _temporary_name(path: str) -> str:
 
 
 @contextlib.contextmanager
+def writing(path: str):
+    """A write under `path` that the environment refuses (permission denied, disk full, a file where a directory
+    should be) becomes one line naming `path` (dtf.errors.WriteFailed), not a traceback."""
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as e:
+        raise WriteFailed(f"cannot write {path}: {reason(e)}; make it writable (or free space) and rerun: the run "
+                          "resumes from its last backup") from None
+
+
+@contextlib.contextmanager
 def replacing(path: str):
     """Yield a temporary path to write in full; on success it replaces `path`, on failure it is removed."""
     tmp = _temporary_name(path)
     try:
-        yield tmp
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        with writing(path):
+            yield tmp
+            tf.io.gfile.rename(tmp, path, overwrite=True)
     except BaseException:
         with contextlib.suppress(Exception):
             if tf.io.gfile.exists(tmp):
@@ -44,17 +58,30 @@ def write_json(path: str, obj):
 
 
 def unwritable(directory: str):
-    """None when `directory` (on any TensorFlow filesystem) can be created and written, else why not; a probe file
-    is written and removed, nothing is left behind but the directory."""
+    """None when `directory` (on any TensorFlow filesystem) can be created and written, else why not. A probe file
+    is written and removed, and the directories the probe had to create are removed too: a check leaves nothing."""
     probe = _temporary_name(os.path.join(directory, "write-check"))
+    created, parent = [], directory.rstrip("/") or directory
+    while parent and not tf.io.gfile.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
     try:
         tf.io.gfile.makedirs(directory)
         with tf.io.gfile.GFile(probe, "w") as f:
             f.write("")
         tf.io.gfile.remove(probe)
     except (OSError, tf.errors.OpError) as e:
-        return getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+        return reason(e)
+    finally:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError, tf.errors.OpError):
+                tf.io.gfile.rmtree(folder)
     return None
+
+
+def reason(error: BaseException) -> str:
+    """What an OSError or a TensorFlow file error says went wrong, without the path (the caller names it)."""
+    return getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
 
 
 def is_temporary(name: str) -> bool:

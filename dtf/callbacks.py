@@ -30,7 +30,8 @@ def write_dir(path: str, info: Optional[cluster_lib.ClusterInfo] = None) -> str:
     """Where this worker writes what belongs in `path`: `path` itself on the chief, a private temp dir elsewhere."""
     info = info or cluster_lib.parse_tf_config()
     if info.is_chief:
-        tf.io.gfile.makedirs(path)
+        with atomic.writing(path):
+            tf.io.gfile.makedirs(path)
         return path
     return tempfile.mkdtemp(prefix=f"dtf-{info.worker_id}-")
 
@@ -157,7 +158,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def _save_model(self):
         """Weights under a new name, then the metadata naming them replaces the old atomically (the old is kept as
         PREVIOUS), then files no pair names are deleted. See METADATA for why a kill at any step is safe."""
-        directory = self.backup_dir
+        with atomic.writing(self.backup_dir):
+            self._write_backup(self.backup_dir)
+
+    def _write_backup(self, directory: str):
         tf.io.gfile.makedirs(directory)
         name = f"{_WEIGHTS_PREFIX}e{self._current_epoch}-s{self._steps_done}-{uuid.uuid4().hex[:8]}.weights.h5"
         self.model.save_weights(os.path.join(directory, name))
