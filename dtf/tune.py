@@ -560,11 +560,13 @@ def _body(rest):
     strategy = train.create_strategy(config)
     validate_space(space, config, strategy.num_replicas_in_sync, tuner_name, FLAGS.max_trials,
                    FLAGS.executions_per_trial)
+    task = task_lib.from_config(config)
+    task_lib.require(task, f"--task={config.task}" if config.task else task_lib.BUILTIN, "datasets", "build_model")
     train.check_model_dir(tune_dir, "--tune_dir")
     _check_signature(tune_dir, _space_signature(space, FLAGS), write=role in (None, "chief"))
 
     hypermodel_class, objective_not_reported = _make_hypermodel_class()
-    hypermodel = hypermodel_class(space, strategy, cluster, tune_dir, task_lib.from_config(config), objective)
+    hypermodel = hypermodel_class(space, strategy, cluster, tune_dir, task, objective)
     tuner = make_tuner(tuner_name, hypermodel, objective, direction, FLAGS.max_trials, FLAGS.executions_per_trial, tune_dir,
                        strategy, config.seed, config.epochs)
     tuner.oracle.verbose = 0
