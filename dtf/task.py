@@ -281,7 +281,8 @@ def loss_for_replicas(loss, labels, predictions, label: str):
 
 def _reason(error: Exception) -> str:
     """The line of a Keras error that says what is wrong (not its "Exception encountered when calling" header)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]( name:\s*\S*)?", "", str(error))  # TF op noise
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("Exception encountered")]
     return lines[0] if lines else type(error).__name__
 
