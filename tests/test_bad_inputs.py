@@ -329,8 +329,8 @@ CASES = [
     Case("predict-missing-model-and-output-suffix", ["dtf.predict", "--model={cwd}/nope.keras",
                                                       "--output={cwd}/p.txt"], ["nope.keras"]),
     Case("predict-output-values-enum", [*PREDICT, "--output_values=probs2"], ["--output_values", "probs2"]),
-    Case("predict-output-exists", [*PREDICT, "--model={cwd}/m.keras"], ["--output=", "p.npy"],
-         setup=_file("p.npy")),
+    Case("predict-missing-model-output-exists", [*PREDICT, "--model={cwd}/m.keras"], ["--model=", "m.keras"],
+         setup=_file("p.npy")),  # the existing --output stays as it was
     # --- dtf.bench
     Case("bench-no-command", ["dtf.bench"], ["bottleneck"]),
     Case("bench-unknown-command", ["dtf.bench", "speed"], ["speed"]),
