@@ -13,6 +13,8 @@ import uuid
 
 import tensorflow as tf
 
+from dtf.errors import WriteFailed
+
 
 def _temporary_name(path: str) -> str:
     """A unique hidden name next to `path` that keeps its suffix (Keras insists on `.keras` / `.weights.h5`)."""
@@ -21,15 +23,28 @@ def _temporary_name(path: str) -> str:
 
 
 @contextlib.contextmanager
+def writing(path: str):
+    """A write under `path` that the environment refuses (permission denied, disk full, a file where a directory
+    should be) becomes one line naming `path` (dtf.errors.WriteFailed), not a traceback."""
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as e:
+        raise WriteFailed(f"cannot write {path}: {reason(e)}; make it writable (or free space) and rerun: the run "
+                          "resumes from its last backup") from None
+
+
+@contextlib.contextmanager
 def replacing(path: str):
     """Yield a temporary path to write in full; on success it replaces `path`, on failure it is removed. The parent
     directory is made if missing (the checks before a run create nothing)."""
     if os.path.dirname(path):
-        tf.io.gfile.makedirs(os.path.dirname(path))
+        with writing(path):
+            tf.io.gfile.makedirs(os.path.dirname(path))
     tmp = _temporary_name(path)
     try:
-        yield tmp
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        with writing(path):
+            yield tmp
+            tf.io.gfile.rename(tmp, path, overwrite=True)
     except BaseException:
         with contextlib.suppress(Exception):
             if tf.io.gfile.exists(tmp):
@@ -62,8 +77,13 @@ def unwritable(directory: str):
         tf.io.gfile.makedirs(probe)
         tf.io.gfile.rmtree(probe)
     except (OSError, tf.errors.OpError) as e:
-        return getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+        return reason(e)
     return None
+
+
+def reason(error: BaseException) -> str:
+    """What an OSError or a TensorFlow file error says went wrong, without the path (the caller names it)."""
+    return getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
 
 
 def is_temporary(name: str) -> bool:

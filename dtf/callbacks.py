@@ -31,7 +31,8 @@ def write_dir(path: str, info: Optional[cluster_lib.ClusterInfo] = None) -> str:
     """Where this worker writes what belongs in `path`: `path` itself on the chief, a private temp dir elsewhere."""
     info = info or cluster_lib.parse_tf_config()
     if info.is_chief:
-        tf.io.gfile.makedirs(path)
+        with atomic.writing(path):
+            tf.io.gfile.makedirs(path)
         return path
     return tempfile.mkdtemp(prefix=f"dtf-{info.worker_id}-")
 
@@ -192,7 +193,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         loss is NaN/inf nothing is saved: the last backup stays the last finite state (marked at train end)."""
         if not self._finite:
             return
-        directory = self.backup_dir
+        with atomic.writing(self.backup_dir):
+            self._write_backup(self.backup_dir)
+
+    def _write_backup(self, directory: str):
         tf.io.gfile.makedirs(directory)
         name = f"{_WEIGHTS_PREFIX}e{self._current_epoch}-s{self._steps_done}-{uuid.uuid4().hex[:8]}.weights.h5"
         with atomic.replacing(os.path.join(directory, name)) as tmp:  # a weights file without metadata is an error

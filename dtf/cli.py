@@ -57,6 +57,13 @@ def parse_flags(argv: Sequence[str], flag_values=None) -> List[str]:
     flag_values = flag_values or flags.FLAGS
     try:
         return flag_values(list(argv))
+    except flags.CantOpenFlagFileError as e:  # absl's text: "ERROR:: Unable to open flagfile: [Errno 2] ...: 'x'"
+        cause = e.__context__
+        if isinstance(cause, OSError) and cause.filename:
+            where = "" if os.path.isabs(cause.filename) else f" (read relative to {os.getcwd()})"
+            raise UserError(f"--flagfile={cause.filename}: {cause.strerror.lower()}{where}; give the path of an "
+                            "existing flagfile") from None
+        raise UserError(str(e).replace("ERROR:: ", "")) from None
     except flags.Error as e:
         raise UserError(str(e)) from None
 

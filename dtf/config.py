@@ -138,6 +138,9 @@ class Config:
                             "(the task's own flags configure it)")
         if self.data_service is not None:
             data_service.parse(self.data_service)
+            if self.cache:
+                raise UserError("--cache keeps examples in the training process, which --data_service does not read; "
+                                "remove one of them")
         if self.warmup_steps is not None and self.warmup_epochs:
             raise UserError("give --warmup_epochs or --warmup_steps, not both")
         if self.profile_steps and (len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]):

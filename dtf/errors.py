@@ -34,6 +34,13 @@ class UserError(DtfError, ValueError):
     exit_status = exitcodes.USER_ERROR
 
 
+class WriteFailed(DtfError, OSError):
+    """The environment refused one of dtf's writes (permission denied, disk full): the message names the path. Not
+    retried (status 2): a rerun fails the same way until someone fixes the path, then resumes from the backup."""
+
+    exit_status = exitcodes.USER_ERROR
+
+
 class TrainingDiverged(DtfError, ArithmeticError):
     """The loss became NaN/inf (a bad learning rate or warmup): not a crash, and rerunning the same job cannot help."""
 

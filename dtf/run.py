@@ -57,18 +57,18 @@ def _fence_data_service(argv):
 
 
 def _body(rest):
-    from dtf import versions
-
-    versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from absl import flags
 
-    from dtf import cluster as cluster_lib
     from dtf import flags as dtf_flags
+    from dtf import versions
+
+    config = dtf_flags.config_from_flags()  # the flags' own checks first: instant, before TensorFlow loads
+    versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
+    from dtf import cluster as cluster_lib
     from dtf.errors import UserError
     from dtf.summaries import EPOCH_SCALARS
     from dtf.train import run_experiment
 
-    config = dtf_flags.config_from_flags()
     if flags.FLAGS.mode == "evaluate_continuously" or cluster_lib.parse_tf_config().task_type == "evaluator":
         from dtf import evaluator
         from dtf.objectives import objective_direction

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
+from dtf import atomic
 from dtf import callbacks as callbacks_lib
 from dtf import scaling
 
@@ -76,7 +77,8 @@ def hparams(config) -> dict:
 
 def write_run_metadata(log_dir: str, config):
     """The resolved flagfile as text and the config as HParams, once, at step 0."""
-    tf.io.gfile.makedirs(log_dir)
+    with atomic.writing(log_dir):
+        tf.io.gfile.makedirs(log_dir)
     with tf.summary.create_file_writer(os.path.join(log_dir, "train")).as_default(step=0):
         tf.summary.text("flags", "```\n" + config.to_flagfile() + "```")
         hparams_api.hparams(hparams(config))

@@ -137,8 +137,25 @@ def _is_task(value) -> bool:
 
 def load(spec: str) -> Task:
     """The task `spec` names, instantiated (after flags are parsed: a task may read its flags in __init__)."""
+    import inspect
+
     value = resolve(spec)
-    return value() if isinstance(value, type) else value
+    if not isinstance(value, type):
+        return value
+    try:
+        inspect.signature(value).bind()
+    except TypeError as e:
+        raise UserError(f"--task={spec}: {value.__name__}() cannot be made without arguments ({e}); give its "
+                        "parameters defaults, or make them the task module's own flags") from None
+    return value()
+
+
+def require(task: Task, label: str, *methods: str):
+    """A UserError unless `task`'s class defines each of `methods` (the base class only raises NotImplementedError)."""
+    missing = [f"{m}()" for m in methods if getattr(type(task), m) is getattr(Task, m)]
+    if missing:
+        raise UserError(f"{label}: {type(task).__name__} does not define {' or '.join(missing)}; a dtf.Task must "
+                        "define datasets() (its splits) and build_model() (an uncompiled keras.Model)")
 
 
 def canonical_spec(spec: str) -> str:
@@ -161,6 +178,7 @@ def from_config(config) -> Task:
 
 def _datasets(task: Task, label: str) -> dict:
     """`task.datasets()`, checked: a dict of known split names."""
+    require(task, label, "datasets")
     out = task.datasets()
     if not isinstance(out, dict):
         raise UserError(f"{label}: datasets() returned a {type(out).__name__}; return a dict like "
@@ -246,6 +264,32 @@ def check_model_accepts(model, features, label: str, fix: str = ""):
         raise UserError(f"{label}: the model does not accept the data: features {_shapes(features)}"
                         f"{_dtypes(features)}, model inputs {_model_inputs(model)}"
                         f"{f' ({reason})' if reason else ''}{fix}") from None
+
+
+def loss_for_replicas(loss, labels, predictions, label: str):
+    """`dtf.losses.for_replicas` on one real batch, with a loss Keras does not know, or one that cannot take the
+    labels and the model's outputs (e.g. 3 outputs for 5 classes), refused on one line naming both shapes."""
+    import tensorflow as tf
+
+    from dtf import losses
+
+    try:
+        losses.as_loss(loss)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{label}: loss() returned {loss!r}, which is not a Keras loss ({_reason(e)})") from None
+    try:
+        return losses.for_replicas(loss, labels, predictions, label)
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, tf.errors.OpError) as e:
+        raise UserError(f"{label}: the loss does not accept the labels and the model's outputs: labels "
+                        f"{_shapes(labels)}, model outputs {_shapes(predictions)}{_why(e)}; make build_model()'s "
+                        "outputs match the labels") from None
+
+
+def _why(error: Exception) -> str:
+    reason = _reason(error)
+    return f" ({reason})" if reason else ""
 
 
 def _reason(error: Exception) -> str:

@@ -17,7 +17,7 @@ from dtf import callbacks as callbacks_lib
 from dtf import cluster as cluster_lib
 from dtf import data as data_lib
 from dtf import data_service as data_service_lib
-from dtf import losses, noise_scale, preemption, rundir, scaling
+from dtf import noise_scale, preemption, rundir, scaling
 from dtf import progress as progress_lib
 from dtf import strategy as strategy_lib
 from dtf import task as task_lib
@@ -31,6 +31,7 @@ log = get_logger(__name__)
 
 DEFAULT_GLOBAL_BATCH = 64
 BACKUP_DIR = rundir.BACKUP_DIR
+MAX_STEPS = 2**31 - 1  # the largest step count every schedule and counter takes (int32)
 
 
 # EVAL_NOTE: evaluation datasets are finite and read to the end (no `steps`): with `steps` Keras keeps one iterator
@@ -77,14 +78,21 @@ class Experiment:
             strategy.num_replicas_in_sync, global_batch_size=config.global_batch_size or (
                 None if config.per_replica_batch_size else DEFAULT_GLOBAL_BATCH),
             per_replica_batch_size=config.per_replica_batch_size)
+        task_lib.require(self.task, self.task_label, "datasets", "build_model")
         self.train_split, self.eval_split = task_lib.splits(self.task, self.task_label)
         if self.eval_split is None:
             log.info(f"{self.task_label} has no validation or test split: training without validation")
         sizes = ([self.train_split.num_examples] if config.input_sharding == "batch"
                  else data_lib.share_sizes(self.train_split, cluster.num_workers)[1])
-        self.steps_per_epoch = config.steps_per_epoch or data_lib.training_steps(
-            sizes, self.plan.global_batch_size, self.plan.num_replicas)
+        one_pass = data_lib.training_steps(sizes, self.plan.global_batch_size, self.plan.num_replicas)
+        if config.steps_per_epoch and config.steps_per_epoch > one_pass:
+            raise UserError(f"--steps_per_epoch={config.steps_per_epoch} must be between 1 and {one_pass} (one pass "
+                            f"over the data at --global_batch_size={self.plan.global_batch_size})")
+        self.steps_per_epoch = config.steps_per_epoch or one_pass
         self.total_steps = self.steps_per_epoch * config.epochs
+        if self.total_steps > MAX_STEPS:
+            raise UserError(f"--epochs={config.epochs} × {self.steps_per_epoch} steps per epoch is {self.total_steps} "
+                            f"steps, more than a run can count ({MAX_STEPS}); lower --epochs")
         self.effective_batch = self.plan.global_batch_size * (config.gradient_accumulation_steps or 1)
         self.peak_lr = scaling.scaled_lr(config.base_lr, self.effective_batch, config.reference_batch_size,
                                          config.lr_scaling)
@@ -124,11 +132,11 @@ class Experiment:
                                            training=False, cache=self.config.cache,
                                            preprocess_batch=self._preprocess_batch(False))
 
-    def sample_batch(self):
-        """(features, labels) of the first per-replica batch of the training split, as a replica gets it (one row
-        more when that is odd: the loss check splits it in halves)."""
+    def sample_batch(self, split=None):
+        """(features, labels) of the first per-replica batch of `split` (default: the training split), as a replica
+        gets it (one row more when that is odd: the loss check splits it in halves)."""
         rows = self.plan.per_replica_batch_size + self.plan.per_replica_batch_size % 2
-        batch = self.train_split.read(None).take(rows).batch(rows)
+        batch = (split or self.train_split).read(None).take(rows).batch(rows)
         preprocess = self._preprocess_batch(False)
         if preprocess is not None:
             batch = batch.map(lambda *b: preprocess(b if len(b) > 1 else b[0]))
@@ -158,7 +166,10 @@ class Experiment:
                                 "keras.Model")
             features, labels = self.sample_batch()
             predictions = task_lib.check_model_accepts(model, features, self.task_label)
-            loss = losses.for_replicas(self.task.loss(), labels, predictions, self.task_label)
+            if self.eval_split is not None:  # fails now, not after the first epoch's outputs are written
+                task_lib.check_model_accepts(model, self.sample_batch(self.eval_split)[0],
+                                             f"{self.task_label} ({self.eval_split.split} split)")
+            loss = task_lib.loss_for_replicas(self.task.loss(), labels, predictions, self.task_label)
             optimizer = scaling.build_optimizer(
                 c.optimizer, self.schedule(), momentum=c.momentum, nesterov=c.nesterov,
                 weight_decay=c.weight_decay, clipnorm=c.clipnorm, global_clipnorm=c.global_clipnorm,
