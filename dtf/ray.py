@@ -166,7 +166,11 @@ def fit(command: Union[Sequence[str], "dtf.config.Config"], num_workers: int, *,
     if started:  # the workers' lines come through _Hub; Ray's own output from the actors is noise here
         quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
         if address:
-            ray.init(address=address, **quiet)
+            try:
+                ray.init(address=address, **quiet)
+            except (ValueError, ConnectionError) as e:
+                raise UserError(f"address={address}: cannot join that Ray cluster ({e}); give its head as HOST:PORT "
+                                "(e.g. 10.0.0.1:6379), ray://HOST:10001, or auto", arguments=("address",)) from None
         else:  # a local instance, on loopback only
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
                      num_cpus=max(num_workers, os.cpu_count() or 1), **quiet)

@@ -173,8 +173,12 @@ def validate_space(space: dict, base_config, num_replicas: int, tuner: str, max_
             overrides["per_replica_batch_size"] = None
         try:
             config = base_config.replace(**overrides)
-        except UserError as e:
-            raise UserError(f"search space point {overrides}: {e}")
+        except UserError as e:  # the message names the Config field: name the search-space flag that set it
+            message = str(e)
+            for flag, (field, _) in SPACE_FLAGS.items():
+                if field in overrides:
+                    message = message.replace(f"--{field}=", f"--{flag}: ")
+            raise UserError(f"search space point {overrides}: {message}") from None
         if config.global_batch_size:
             scaling.BatchPlan.create(num_replicas, global_batch_size=config.global_batch_size)
 

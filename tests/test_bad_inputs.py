@@ -291,8 +291,7 @@ CASES = [
     Case("launch-timeout-negative", [*LAUNCH, "--timeout=-5", *WORKER], ["--timeout"]),
     Case("launch-unknown-flag", [*LAUNCH, "--bogus", *WORKER], ["bogus"]),
     Case("launch-ray-with-emit", [*LAUNCH, "--backend=ray", "--emit=slurm", *WORKER], ["--emit", "--backend=ray"]),
-    Case("launch-ray-bad-address", [*LAUNCH, "--backend=ray", "--address=bad:x", *WORKER], ["--address"],
-         xfail="fixed on branch ray"),
+    Case("launch-ray-bad-address", [*LAUNCH, "--backend=ray", "--address=bad:x", *WORKER], ["--address"]),
     Case("launch-slurm-time", [*LAUNCH, "--emit=slurm", "--time=abc", *WORKER], ["--time=abc"]),
     Case("launch-slurm-num-workers-negative", ["dtf.launch", "--num_workers=-1", "--emit=slurm", *WORKER],
          ["--num_workers"]),
@@ -310,16 +309,15 @@ CASES = [
     Case("tune-base-lr-range-reversed", ["dtf.tune", "--tune_base_lr=0.1:0.01"], ["--tune_base_lr"]),
     Case("tune-base-lr-garbage", ["dtf.tune", "--tune_base_lr=abc"], ["--tune_base_lr"]),
     Case("tune-batch-sizes-garbage", ["dtf.tune", "--tune_global_batch_sizes=64,x"], ["--tune_global_batch_sizes"]),
-    Case("tune-lr-scaling-unknown", ["dtf.tune", "--tune_lr_scaling=linear,cubic"], ["--tune_lr_scaling", "cubic"],
-         xfail="fixed on branch tunepredict (today the line names --lr_scaling, not --tune_lr_scaling)"),
+    Case("tune-lr-scaling-unknown", ["dtf.tune", "--tune_lr_scaling=linear,cubic"], ["--tune_lr_scaling", "cubic"]),
     Case("tune-objective-direction-enum", ["dtf.tune", SPACE, "--objective_direction=up"], ["--objective_direction"]),
     Case("tune-max-trials-0", ["dtf.tune", SPACE, "--max_trials=0"], ["--max_trials"]),
     Case("tune-num-tuners-negative", ["dtf.tune", SPACE, "--num_tuners=-1"], ["--num_tuners"]),
     Case("tune-task-no-build-model", task("NoBuildModel", tool=TUNE), ["--task=", "build_model()"]),
     Case("tune-batch-larger-than-data", task("Good", "--tune_global_batch_sizes=16,128", tool=TUNE),
-         ["--tune_global_batch_sizes", "128"], xfail="fixed on branch tunepredict"),
+         ["--tune_global_batch_sizes", "128"]),
     Case("tune-objective-not-reported", task("Good", "--objective=val_mean_absolute_error", tool=TUNE),
-         ["--objective=val_mean_absolute_error"], xfail="fixed on branch tunepredict"),
+         ["--objective=val_mean_absolute_error"]),
     Case("tune-dir-read-only", task("Good", "--tune_dir={cwd}/ro/t", tool=TUNE), ["--tune_dir=", "ro/t"],
          setup=_read_only_dir, privileged=False),
     # --- dtf.predict
@@ -347,7 +345,7 @@ CASES = [
     Case("batch-study-target-accuracy", [*BATCH_STUDY, "--batches=32", "--target_accuracy=2"],
          ["--target_accuracy"]),
     Case("batch-study-batch-larger-than-data", [*BATCH_STUDY, TASK + "Good", "--batches=16,128"],
-         ["--batches", "128"], xfail="fixed on branch tunepredict"),
+         ["--batches", "128"]),
 ]
 
 
