@@ -93,6 +93,8 @@ class Config:
                                    positive=True)
     global_clipnorm: Optional[float] = _f(None, "optimization", "Clip the all-reduced gradients to this global norm.",
                                           positive=True)
+    clipvalue: Optional[float] = _f(None, "optimization", "Clip each all-reduced gradient's elements to "
+                                    "[-value, value].", positive=True)
     trust_coefficient: Optional[float] = _f(None, "optimization", "LARS trust coefficient η (default 0.001).",
                                             positive=True)
     gradient_accumulation_steps: Optional[int] = _f(None, "optimization", "Apply the optimizer every N batches to "
