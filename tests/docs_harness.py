@@ -52,8 +52,8 @@ REPLACED = [
     (r"^kubectl apply -f (\S+)$", CHECK + r" tfjob \1",
      "no cluster here: the file is validated against Kubeflow's TFJob API (tests/tfjob_api.py)"),
     (r"^kubectl get\b.*$", None, "no cluster here: watching the job needs one"),
-    (r"^tensorboard --logdir (\S+)$", r"tensorboard --inspect --logdir \1",
-     "bounded: TensorBoard reads the event files and prints their digest instead of serving"),
+    (r"^tensorboard --logdir (\S+)$", r"tensorboard --inspect --logdir \1 | grep -A3 '^Found event files in'",
+     "bounded: TensorBoard reads the event files (it must find some) and prints their digest instead of serving"),
 ]
 PYTHON_BLOCKS = {  # first line of a python block -> file to write it to, or None (skipped: the value says why)
     "# my_task.py": "my_task.py",
@@ -181,7 +181,8 @@ def extract(doc: str) -> List[Step]:
                 raise ValueError(f"{doc}:{block_start + 1}: a python block tests/docs_harness.py does not know "
                                  f"({first!r}); add it to PYTHON_BLOCKS (a file to write it to, or skipped)")
             target = PYTHON_BLOCKS[key]
-            steps.append(Step(f"{doc}:{block_start + 1}", first, write=(target, "\n".join(body) + "\n") if target else None,
+            write = (target, "\n".join(body) + "\n") if target else None
+            steps.append(Step(f"{doc}:{block_start + 1}", first, write=write,
                               why="written to " + target if target else "a sketch, not a complete program"))
             continue
         j = 0

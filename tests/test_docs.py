@@ -54,7 +54,7 @@ def test_extraction_reads_commands_as_bash_would(tmp_path, monkeypatch):
     monkeypatch.setattr(h, "REPO", str(tmp_path))
     (tmp_path / "x.md").write_text("text\n```bash\n# a comment\nA=\"python -m dtf.run --x=1 # not a comment\"\n"
                                    "python -m dtf.launch --n=2 -- \\\n    python -m dtf.tune --f=exp.flags > out.txt"
-                                   "   # to a file\npip install -e . && python -m dtf.run ...  # exits 2: refused\n```\n"
+                                   "   # to a file\npip install -e . && python -m dtf.run ...  # exits 2: no\n```\n"
                                    "```yaml\nx: 1\n```\n")
     steps = h.extract("x.md")
     assert [(s.source, s.expect) for s in steps] == [("x.md:4", 0), ("x.md:5", 0), ("x.md:7", 2)]
@@ -67,7 +67,8 @@ def test_extraction_reads_commands_as_bash_would(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_readme_commands_work_as_written(tmp_path):
+@pytest.mark.timeout(1800)  # all commands: about 12 minutes on 2 idle cores; each has its own timeout too
+def test_readme_commands_work_as_written(tmp_path, capsys):
     """Each command's exit status (0 unless marked `# exits N`), no traceback, and no trained model.keras replaced by
     a run that trained nothing; all of README.md, in order, then one report naming each failing line."""
     copy = h.fresh_copy(str(tmp_path))
@@ -78,8 +79,10 @@ def test_readme_commands_work_as_written(tmp_path):
         outcome = h.run_step(step, copy, env, assignments)
         outcomes.append(outcome)
         mark = "skip" if outcome.status is None and not step.write else ("FAIL" if outcome.problems else "ok")
-        print(f"{outcome.seconds:6.1f}s {mark:4} {step.source} {step.written[:100]}", flush=True)
-    print(f"{time.monotonic() - start:.0f}s for {sum(o.status is not None for o in outcomes)} commands")
+        with capsys.disabled():  # per-command times, also when the test passes
+            print(f"\n{outcome.seconds:6.1f}s {mark:4} {step.source} {step.written[:100]}", end="", flush=True)
+    with capsys.disabled():
+        print(f"\n{time.monotonic() - start:.0f}s for {sum(o.status is not None for o in outcomes)} commands")
     failures = [f"{o.step.source}: `{o.step.written}`\n  ran: {o.step.command}\n  " + "; ".join(o.problems) +
                 "\n  output (last lines):\n    " + "\n    ".join(o.output.strip().splitlines()[-15:])
                 for o in outcomes if o.problems]
