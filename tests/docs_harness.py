@@ -262,6 +262,7 @@ class Outcome:
     seconds: float
     output: str
     problems: List[str]
+    after_last_write_s: Optional[float] = None  # how long the command ran on after the last file it wrote
 
 
 ASSIGNMENT = re.compile(r"""^[A-Za-z_]\w*=("[^"]*"|'[^']*'|[^\s'"]*)$""")
@@ -292,6 +293,8 @@ def run_step(step: Step, copy: str, env: Dict[str, str], assignments: List[str])
     else:
         status, output = _shell(command, copy, env)
     seconds = time.monotonic() - start
+    last_write = _newest_mtime(roots)
+    after_last_write = time.time() - last_write if last_write > time.time() - seconds else None
     problems = []
     if status != step.expect:
         problems.append(f"exit status {status}, expected {step.expect}")
@@ -302,7 +305,12 @@ def run_step(step: Step, copy: str, env: Dict[str, str], assignments: List[str])
         if path in after and after[path] != stamp and not trained_in(path, summaries[path]):
             problems.append(f"{os.path.relpath(path, os.path.dirname(copy))} was replaced by a run that trained "
                             "nothing (its summary.json reports no training in this command)")
-    return Outcome(step, status, seconds, output, problems)
+    return Outcome(step, status, seconds, output, problems, after_last_write)
+
+
+def _newest_mtime(roots: List[str]) -> float:
+    return max((os.stat(os.path.join(d, f)).st_mtime for root in roots for d, _, files in os.walk(root)
+                for f in files if os.path.exists(os.path.join(d, f))), default=0.0)
 
 
 def _read(path: str) -> Optional[str]:

@@ -80,7 +80,10 @@ def test_readme_commands_work_as_written(tmp_path, capsys):
         outcomes.append(outcome)
         mark = "skip" if outcome.status is None and not step.write else ("FAIL" if outcome.problems else "ok")
         with capsys.disabled():  # per-command times, also when the test passes
-            print(f"\n{outcome.seconds:6.1f}s {mark:4} {step.source} {step.written[:100]}", end="", flush=True)
+            lingered = f" (exited {outcome.after_last_write_s:.0f}s after its last write)" \
+                if (outcome.after_last_write_s or 0) > 10 else ""
+            print(f"\n{outcome.seconds:6.1f}s {mark:4} {step.source} {step.written[:100]}{lingered}", end="",
+                  flush=True)
     with capsys.disabled():
         print(f"\n{time.monotonic() - start:.0f}s for {sum(o.status is not None for o in outcomes)} commands")
     failures = [f"{o.step.source}: `{o.step.written}`\n  ran: {o.step.command}\n  " + "; ".join(o.problems) +
