@@ -7,6 +7,12 @@ with no communication, and on every k-th micro-batch the wrapped optimizer runs 
 *cross-replica* context (the pattern Keras's own LossScaleOptimizer uses), so its one all-reduce per update happens
 where tf.distribute allows it. k micro-batches of global batch B then give the update of one batch of k·B.
 
+Windows never straddle an epoch: given the epoch's length in micro-batches, an epoch whose length k does not divide
+ends with a shorter window, applied as the mean of its r < k micro-batches (the update of one batch of r·B), as the
+last partial batch of an epoch would be. So every example of an epoch counts in that epoch, the model evaluated and
+saved at an epoch's end holds no pending gradients, and LR schedules in epochs stay exact (ceil(steps / k) updates
+per epoch). Keras's own accumulation (`iterations % k`) lets windows run across epochs instead.
+
 The wrapper is also the one place that sees each replica's gradient before the all-reduce and the all-reduced one
 after it, so it hosts the gradient-noise-scale measurement (`dtf.noise_scale`) and gradient clipping, with or without
 accumulation. Keras clips in `apply`, i.e. each replica's share before the all-reduce (base_optimizer.py `apply` →
@@ -23,8 +29,9 @@ from dtf import noise_scale as noise_lib
 
 @keras.saving.register_keras_serializable(package="dtf")
 class GradientAccumulation(keras.optimizers.Optimizer):
-    """Apply `inner_optimizer` every `steps` micro-batches to the mean of their gradients; optionally measure the
-    gradient noise scale (`noise_scale_batch` = the per-replica micro-batch size) and clip the all-reduced gradient
+    """Apply `inner_optimizer` every `steps` micro-batches to the mean of their gradients, and at the end of each
+    epoch of `steps_per_epoch` micro-batches (if given) to the mean of those left; optionally measure the gradient
+    noise scale (`noise_scale_batch` = the per-replica micro-batch size) and clip the all-reduced gradient
     (`clipnorm`, `global_clipnorm`, `clipvalue`: Keras's meanings, given here instead of to the inner optimizer).
 
     `iterations` and the learning rate are the inner optimizer's, so LR schedules count updates, not micro-batches.
@@ -32,7 +39,7 @@ class GradientAccumulation(keras.optimizers.Optimizer):
 
     def __init__(self, inner_optimizer, steps: int = 1, noise_scale_batch=None,
                  noise_scale_ema: float = noise_lib.DEFAULT_EMA_DECAY, clipnorm=None, global_clipnorm=None,
-                 clipvalue=None, name=None):
+                 clipvalue=None, steps_per_epoch=None, name=None):
         super().__init__(learning_rate=0.0, clipnorm=clipnorm, global_clipnorm=global_clipnorm, clipvalue=clipvalue,
                          name=name)
         if int(steps) < 1:
@@ -43,6 +50,7 @@ class GradientAccumulation(keras.optimizers.Optimizer):
             raise ValueError("give the clipping to the wrapper: the inner optimizer would clip before the all-reduce")
         self.inner_optimizer = inner_optimizer
         self.steps = int(steps)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.noise_scale_batch = None if noise_scale_batch is None else int(noise_scale_batch)
         self.noise_scale_ema = float(noise_scale_ema)
         self.noise_scale = None
@@ -83,7 +91,7 @@ class GradientAccumulation(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
         tvs = list(trainable_variables or self._trainable_variables)
-        first = ops.equal(self._iterations % self.steps, 0)
+        first = ops.equal(self._window_position(), 0)
         if self.noise_scale is not None:  # the replica's own gradient of its micro-batch (Keras scaled it by 1/n)
             replicas = self._distribution_strategy.num_replicas_in_sync
             local = noise_lib.squared_norm([None if g is None else g * replicas for g in grads])
@@ -99,15 +107,31 @@ class GradientAccumulation(keras.optimizers.Optimizer):
             self._apply_every_k(grads, tvs)
         self._iterations.assign_add(1)
 
+    def _window_position(self):
+        """This micro-batch's index in its window (windows restart at each epoch)."""
+        in_epoch = self._iterations % self.steps_per_epoch if self.steps_per_epoch else self._iterations
+        return in_epoch % self.steps
+
+    def _window_size(self):
+        """Micro-batches in this window so far; at its last micro-batch, the window's size."""
+        return ops.cast(self._window_position() + 1, "float32")
+
+    def _window_ends(self):
+        last = ops.equal(self._window_position(), self.steps - 1)
+        if self.steps_per_epoch:
+            last = ops.logical_or(last, ops.equal(self._iterations % self.steps_per_epoch, self.steps_per_epoch - 1))
+        return last
+
     def _apply_every_k(self, grads, tvs):
         has_grad = [g is not None for g in grads]
 
         def update():
-            mean = [self._accumulators[self._get_variable_index(v)] / self.steps if has else None
+            size = self._window_size()
+            mean = [self._accumulators[self._get_variable_index(v)] / ops.cast(size, v.dtype) if has else None
                     for has, v in zip(has_grad, tvs)]
             self.inner_optimizer.apply(mean, tvs)
 
-        is_update = lambda: ops.equal((self._iterations + 1) % self.steps, 0)  # noqa: E731
+        is_update = self._window_ends
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
             ops.cond(is_update(), update, lambda: None)
             return
@@ -133,8 +157,8 @@ class GradientAccumulation(keras.optimizers.Optimizer):
                 small = tf.identity(self._small_sq.value)
             reduced = self._inner_all_reduce(grads_and_vars + [(small, self._small_sq)])
             small_total = reduced.pop()[0]
-            count = self._distribution_strategy.num_replicas_in_sync * self.steps
-            self.noise_scale.update(small_total / count, noise_lib.squared_norm([g for g, _ in reduced]))
+            ratio = self._distribution_strategy.num_replicas_in_sync * self._window_size()  # B_big / B_small
+            self.noise_scale.update(small_total / ratio, noise_lib.squared_norm([g for g, _ in reduced]), ratio)
         variables = [v for _, v in reduced]
         return list(zip(self._clip_gradients([g for g, _ in reduced]), variables))
 
@@ -160,6 +184,7 @@ class GradientAccumulation(keras.optimizers.Optimizer):
         return {"name": self.name, "steps": self.steps, "noise_scale_batch": self.noise_scale_batch,
                 "noise_scale_ema": self.noise_scale_ema, "clipnorm": self.clipnorm,
                 "global_clipnorm": self.global_clipnorm, "clipvalue": self.clipvalue,
+                "steps_per_epoch": self.steps_per_epoch,
                 "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer)}
 
     @classmethod

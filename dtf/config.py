@@ -93,11 +93,14 @@ class Config:
                                    positive=True)
     global_clipnorm: Optional[float] = _f(None, "optimization", "Clip the all-reduced gradients to this global norm.",
                                           positive=True)
+    clipvalue: Optional[float] = _f(None, "optimization", "Clip each all-reduced gradient's elements to "
+                                    "[-value, value].", positive=True)
     trust_coefficient: Optional[float] = _f(None, "optimization", "LARS trust coefficient η (default 0.001).",
                                             positive=True)
     gradient_accumulation_steps: Optional[int] = _f(None, "optimization", "Apply the optimizer every N batches to "
                                                     "their mean gradient (effective batch = global × N; any "
-                                                    "strategy).", lower=2)
+                                                    "strategy; an epoch N does not divide ends with the batches "
+                                                    "left).", lower=2)
     measure_noise_scale: bool = _f(False, "optimization", "Log the gradient noise scale B_simple (McCandlish et al. "
                                    "2018) from each replica's and the all-reduced gradient; needs >= 2 replicas or "
                                    "accumulation.")

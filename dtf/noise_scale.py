@@ -43,12 +43,18 @@ class NoiseScaleEstimator:
         self.trace_ema = add_variable(name="noise_trace_ema", **scalar)
         self.updates = add_variable(name="noise_updates", **scalar)
 
-    def update(self, small_sq, big_sq):
-        """One update's measurement: the mean small-batch squared norm and the big-batch squared norm."""
-        g2, trace = unbiased_estimates(small_sq, big_sq, self.b_small, self.b_big)
-        self.g2_ema.assign(self.decay * self.g2_ema + (1.0 - self.decay) * g2)
-        self.trace_ema.assign(self.decay * self.trace_ema + (1.0 - self.decay) * trace)
-        self.updates.assign_add(1.0)
+    def update(self, small_sq, big_sq, ratio=None):
+        """One update's measurement: the mean small-batch squared norm and the big-batch squared norm (of `ratio`
+        small batches when not the usual: an epoch's last, shorter accumulation window)."""
+        measured, b_big, decay = 1.0, self.b_big, self.decay
+        if ratio is not None:  # one small batch (a last window of 1 on 1 replica) compares nothing: skipped
+            measured = ops.cast(ratio >= 2, "float32")
+            b_big = self.b_small * ops.maximum(ratio, 2.0)
+            decay = ops.where(measured > 0, self.decay, 1.0)
+        g2, trace = unbiased_estimates(small_sq, big_sq, self.b_small, b_big)
+        self.g2_ema.assign(decay * self.g2_ema + (1.0 - decay) * g2)
+        self.trace_ema.assign(decay * self.trace_ema + (1.0 - decay) * trace)
+        self.updates.assign_add(measured)
 
     def values(self) -> dict:
         """The logged scalars: B_simple (bias corrections cancel in the ratio) and the bias-corrected EMAs."""

@@ -285,13 +285,10 @@ _OWN_OPTIONS = {
 
 
 def updates(batches: int, accumulation_steps: Optional[int]) -> int:
-    """Optimizer updates in `batches` training batches: each update takes `accumulation_steps` batches, which must
-    divide them (an update never straddles an epoch, so schedules in epochs stay exact)."""
-    k = accumulation_steps or 1
-    if batches % k:
-        raise UserError(f"--gradient_accumulation_steps={k} does not divide the {batches} steps per epoch; use a "
-                        f"divisor of {batches} or set --steps_per_epoch to a multiple of {k}")
-    return batches // k
+    """Optimizer updates in an epoch of `batches` training batches: each update takes `accumulation_steps` batches,
+    and an epoch they do not divide ends with a shorter one (an update never straddles an epoch, so schedules in
+    epochs stay exact: `dtf.accumulation`)."""
+    return -(-batches // (accumulation_steps or 1))
 
 
 def _check_large_batch(steps: Optional[int], measure_noise_scale: bool, per_replica_batch_size: Optional[int]) -> int:
@@ -318,8 +315,8 @@ def build_optimizer(name: str, learning_rate: Union[float, keras.optimizers.sche
                     clipvalue: Optional[float] = None, gradient_accumulation_steps: Optional[int] = None,
                     beta_1: Optional[float] = None, beta_2: Optional[float] = None,
                     epsilon: Optional[float] = None, trust_coefficient: Optional[float] = None,
-                    measure_noise_scale: bool = False,
-                    per_replica_batch_size: Optional[int] = None) -> keras.optimizers.Optimizer:
+                    measure_noise_scale: bool = False, per_replica_batch_size: Optional[int] = None,
+                    steps_per_epoch: Optional[int] = None) -> keras.optimizers.Optimizer:
     """A Keras optimizer by name. Call it inside `strategy.scope()`: Keras binds the optimizer to the current strategy.
 
     Options that `name` does not take are rejected, not ignored; None means Keras's default, except SGD/LARS
@@ -327,7 +324,8 @@ def build_optimizer(name: str, learning_rate: Union[float, keras.optimizers.sche
     optimizer, so it is accepted for all; for LARS it is the paper's coupled decay inside the trust ratio. AdamW keeps
     Keras's 0.004 when it is not given. With `gradient_accumulation_steps` > 1, `measure_noise_scale` (which needs
     the `per_replica_batch_size`) or a clip the optimizer is wrapped in `dtf.accumulation.GradientAccumulation`, which
-    clips the all-reduced gradient (Keras clips each replica's share), so N replicas train as one device does.
+    clips the all-reduced gradient (Keras clips each replica's share), so N replicas train as one device does;
+    `steps_per_epoch` (batches) ends each epoch's accumulation with the batches left.
     """
     name = _pick(name, OPTIMIZERS, "--optimizer")
     # None = not given (nesterov=False too), so only options the user set are checked and passed on.
@@ -359,7 +357,8 @@ def build_optimizer(name: str, learning_rate: Union[float, keras.optimizers.sche
     if steps == 1 and not measure_noise_scale and not given_clips:
         return optimizer
     return GradientAccumulation(optimizer, steps, per_replica_batch_size if measure_noise_scale else None,
-                                clipnorm=clipnorm, global_clipnorm=global_clipnorm, clipvalue=clipvalue)
+                                clipnorm=clipnorm, global_clipnorm=global_clipnorm, clipvalue=clipvalue,
+                                steps_per_epoch=steps_per_epoch)
 
 
 def current_lr(optimizer: keras.optimizers.Optimizer) -> float:

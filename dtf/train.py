@@ -173,8 +173,10 @@ class Experiment:
             optimizer = scaling.build_optimizer(
                 c.optimizer, self.schedule(), momentum=c.momentum, nesterov=c.nesterov,
                 weight_decay=c.weight_decay, clipnorm=c.clipnorm, global_clipnorm=c.global_clipnorm,
-                gradient_accumulation_steps=c.gradient_accumulation_steps, trust_coefficient=c.trust_coefficient,
-                measure_noise_scale=c.measure_noise_scale, per_replica_batch_size=self.plan.per_replica_batch_size)
+                clipvalue=c.clipvalue, gradient_accumulation_steps=c.gradient_accumulation_steps,
+                trust_coefficient=c.trust_coefficient,
+                measure_noise_scale=c.measure_noise_scale, per_replica_batch_size=self.plan.per_replica_batch_size,
+                steps_per_epoch=self.steps_per_epoch)
             model.compile(optimizer=optimizer, loss=loss, metrics=self.task.metrics(),
                           steps_per_execution=c.steps_per_execution, jit_compile=c.jit_compile)
         return model

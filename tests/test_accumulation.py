@@ -141,15 +141,39 @@ def test_experiment_schedule_counts_updates(tmp_path):
     assert exp.effective_batch == 128 and exp.peak_lr == pytest.approx(0.05)  # 0.1 × 128 / 256
     schedule = exp.schedule()
     assert schedule.warmup_steps == 2  # one epoch = 8 batches = 2 updates
-    with pytest.raises(dtf.UserError, match="--gradient_accumulation_steps=3"):
-        train.Experiment(config.replace(gradient_accumulation_steps=3), dtf.create_strategy("one_device"),
-                         train.resolve_cluster(config)).schedule()
+    three = train.Experiment(config.replace(gradient_accumulation_steps=3), dtf.create_strategy("one_device"),
+                             train.resolve_cluster(config))
+    assert three.schedule().warmup_steps == 3  # 3 + 3 + a last window of 2
 
 
 def test_schedule_steps_are_updates():
     assert scaling.updates(40, 4) == 10 and scaling.updates(40, None) == 40
-    with pytest.raises(dtf.UserError, match=r"--gradient_accumulation_steps=3 does not divide the 40 steps per epoch"):
-        scaling.updates(40, 3)
+    assert scaling.updates(40, 3) == 14 and scaling.updates(2, 4) == 1  # each epoch ends with the batches left
+
+
+def test_an_epoch_ends_with_a_shorter_window(mirrored4):
+    """k=4 does not divide an epoch of 6 micro-batches of 16: each epoch is one update of 64 examples and one of the
+    32 left, as one device trains on batches of 64, 32, 64, 32 (also on 4 replicas, and with a clip)."""
+    x, y = eq.data()
+    ends = [0, 64, 96, 160, 192]
+    for clip in ({}, {"global_clipnorm": 0.05}):
+        init = eq.initial_weights()
+        reference = eq.model_fn()
+        reference.set_weights(init)
+        reference.compile(scaling.build_optimizer("sgd", 0.1, **clip),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        for start, end in zip(ends, ends[1:]):
+            reference.train_on_batch(x[start:end], y[start:end])
+        for strategy in (dtf.create_strategy("one_device"), mirrored4):
+            with strategy.scope():
+                model = eq.model_fn()
+                model.set_weights(init)
+                model.compile(scaling.build_optimizer("sgd", 0.1, gradient_accumulation_steps=4, steps_per_epoch=6,
+                                                      **clip),
+                              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.fit(eq.sliced_dataset(strategy, 16), epochs=2, steps_per_epoch=6, verbose=0)
+            assert int(model.optimizer.iterations.numpy()) == 4
+            assert eq.max_abs_diff(model.get_weights(), reference.get_weights()) < TOL, (strategy, clip)
 
 
 def test_keras_own_accumulation_is_not_used():

@@ -66,3 +66,14 @@ def test_clip_round_trips_through_the_config():
     wrapper = scaling.build_optimizer("adam", 0.01, global_clipnorm=2.0)
     again = accumulation.GradientAccumulation.from_config(wrapper.get_config())
     assert (again.global_clipnorm, again.inner_optimizer.global_clipnorm, again.steps) == (2.0, None, 1)
+
+
+@pytest.mark.parametrize("clip", sorted(CLIPS))
+def test_each_clip_flag_reaches_the_experiments_optimizer(one_device, clip, tmp_path):
+    """--clipnorm, --global_clipnorm and --clipvalue are Config fields (so flags) that the Experiment passes on."""
+    from dtf import config as config_lib, train
+
+    config = config_lib.Config(dataset="synthetic", model="mlp", strategy="one_device", global_batch_size=32,
+                               steps_per_epoch=2, epochs=1, model_dir=str(tmp_path), **{clip: CLIPS[clip]})
+    optimizer = train.Experiment(config, one_device, train.resolve_cluster(config)).build_model().optimizer
+    assert isinstance(optimizer, accumulation.GradientAccumulation) and getattr(optimizer, clip) == CLIPS[clip]

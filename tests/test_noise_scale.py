@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from dtf import accumulation, noise_scale, scaling
+from keras import ops
 
 D, SIGMA2, GLOBAL_BATCH = 4, 1.0, 32
 CLOSED_FORM = D + 1 + SIGMA2 * D  # |δ|² = 1
@@ -145,3 +146,15 @@ def test_logger_finds_the_estimator_inside_loss_scaling():
     logger.on_epoch_end(0, logs)
     # EMA 0.5, bias-corrected over 2 updates: |G|² = (0.25·0 + 0.5·1) / 0.75, tr = 24.
     assert logs == pytest.approx({"gradient_noise_scale": 36.0, "gradient_norm_sq": 2 / 3, "gradient_noise_trace": 24.0})
+
+
+def test_a_last_window_of_one_small_batch_measures_nothing():
+    """An epoch's last accumulation window may hold a single micro-batch on one replica: nothing to compare, so the
+    EMAs and the update count stay; a window of 2 is measured at its own B_big."""
+    estimator = noise_scale.NoiseScaleEstimator(lambda **kw: keras.Variable(**kw), 8, ratio=4)
+    estimator.update(ops.convert_to_tensor(2.0), ops.convert_to_tensor(1.0), ratio=ops.convert_to_tensor(1.0))
+    assert float(estimator.updates.numpy()) == 0 and float(estimator.g2_ema.numpy()) == 0
+    estimator.update(ops.convert_to_tensor(2.0), ops.convert_to_tensor(1.5), ratio=ops.convert_to_tensor(2.0))
+    g2, trace = noise_scale.unbiased_estimates(2.0, 1.5, 8, 16)  # |G|² = 1, tr = 8
+    assert float(estimator.updates.numpy()) == 1
+    assert estimator.values()["gradient_noise_scale"] == pytest.approx(trace / g2)
