@@ -75,7 +75,7 @@ def exit_now_if_finished(status: int):
     also when deleted one by one in a live interpreter, so a run lingered 12 s to minutes after its summary and once
     never exited; a preempted run's coordination-service shutdown waits for every peer (6 s past the grace period
     with a frozen peer), after the watchdog can no longer run (Python is finalizing)."""
-    if status in (0, exitcodes.PREEMPTED):
+    if status in (0, exitcodes.PREEMPTED) and "tensorflow" in sys.modules:  # --help etc. exit normally
         import logging
 
         logging.shutdown()
