@@ -13,6 +13,8 @@ from dtf.choices import (COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEO
 from dtf.errors import UserError
 from dtf.exitcodes import PREEMPTION_GRACE_S
 
+MAX_CPU_DEVICES = 256  # simulated replicas share one host's cores; more only makes TensorFlow stall at start-up
+
 
 def _f(default, group, help, choices=None, lower=None, positive=False, flag=True):
     """A field with its flag's group, help and constraints; `flag=False`: set by dtf, not a flag of its own."""
@@ -146,6 +148,9 @@ class Config:
                                 "remove one of them")
         if self.warmup_steps is not None and self.warmup_epochs:
             raise UserError("give --warmup_epochs or --warmup_steps, not both")
+        if (self.num_cpu_devices or 0) > MAX_CPU_DEVICES:  # TF then spends minutes setting up devices, silently
+            raise UserError(f"--num_cpu_devices={self.num_cpu_devices} is more simulated CPU replicas than dtf "
+                            f"supports; use at most {MAX_CPU_DEVICES}")
         if self.profile_steps and (len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]):
             raise UserError(f"--profile_steps={','.join(map(str, self.profile_steps))} must be two steps "
                             "START,STOP with 0 < START <= STOP, e.g. 10,15")

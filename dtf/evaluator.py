@@ -25,6 +25,25 @@ from dtf.logs import get_logger
 log = get_logger("dtf.evaluator")
 RESULTS, BEST, EVAL_DIR = "eval_results.json", "best.keras", "eval"
 POLL_S = 1.0
+DEFAULT_TIMEOUT_S = 600.0
+RUN_MARKS = ("tensorboard", "checkpoints", "summary.json")  # what a chief writes first (write_run_metadata) or last
+
+
+def wait_for_run(model_dir: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Return once model_dir holds a run (the chief writes tensorboard/ before training); say once what is awaited,
+    and give up after `timeout_s` with a UserError (exit 2: a mistyped --model_dir, never restarted). Once a run is
+    there, the evaluator waits for its checkpoints as long as training lasts."""
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while not any(os.path.exists(os.path.join(model_dir, mark)) for mark in RUN_MARKS):
+        if time.monotonic() >= deadline:
+            raise UserError(f"--model_dir={model_dir} holds no run after {timeout_s:g}s (no tensorboard/, checkpoints/ "
+                            "or summary.json); check --model_dir, or start training first, or raise --eval_timeout_s")
+        if not said:
+            log.info(f"waiting up to {timeout_s:g}s (--eval_timeout_s) for a training run in {model_dir} "
+                     "(its tensorboard/ or checkpoints/)")
+            said = True
+        time.sleep(POLL_S)
 
 
 def _read(path: str) -> dict:
@@ -50,13 +69,15 @@ def _training_finished(model_dir: str) -> bool:
                                            for p in _checkpoints(model_dir))
 
 
-def evaluate_continuously(config, best_metric: str = "loss", direction: str = "min") -> dict:
+def evaluate_continuously(config, best_metric: str = "loss", direction: str = "min",
+                          timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
     """Score checkpoints until training has finished; returns eval_results.json's content. The best checkpoint has
     the lowest (direction "min") or highest ("max") `best_metric`."""
     strategy = tf.distribute.get_strategy()
     exp = train.Experiment(config, strategy, cluster_lib.LOCAL)
     if exp.eval_split is None:
         raise UserError(f"{exp.task_label} has no validation or test split: nothing for the evaluator to score")
+    wait_for_run(config.model_dir, timeout_s)
     results_path = os.path.join(config.model_dir, RESULTS)
     results = _read(results_path)
     writer = None  # made at the first score: nothing is written before the model is known to fit the data

@@ -34,6 +34,9 @@ def _define(argv):
                              "to MODEL_DIR.before-restart-TIME and train this one from step 0 (without it: refused). "
                              "The same run is resumed or left as it is; not written to flags.txt.",
                              module_name="dtf: outputs")
+        flags.DEFINE_float("eval_timeout_s", 600.0, "Evaluator: give up (exit 2) when --model_dir still holds no "
+                           "training run after this many seconds; once a run is there, it waits as long as training "
+                           "lasts.", lower_bound=0, module_name="dtf: evaluator")
     _fence_data_service(argv)
     dtf_flags.define_task_flags(argv)
 
@@ -79,7 +82,7 @@ def _body(rest):
         except UserError:
             raise UserError(f"--best_metric={metric}: cannot tell whether lower or higher is better; name a loss or "
                             "error (lower) or an accuracy, AUC, precision or recall (higher)") from None
-        results = evaluator.evaluate_continuously(config, metric, direction)
+        results = evaluator.evaluate_continuously(config, metric, direction, flags.FLAGS.eval_timeout_s)
         print(f"dtf: evaluated {len(results['checkpoints'])} checkpoint(s); best: {results['best']}")
         return 0
     summary = run_experiment(config, restart=flags.FLAGS.restart)
@@ -100,11 +103,18 @@ def main(argv=None):
     return cli.main("dtf.run", _define, _body, argv, doc=__doc__)
 
 
-def exit_now_if_preempted(status: int):
-    """A preempted run (dtf.preemption) has written everything it will: it exits at once. A normal exit would run
-    TensorFlow's teardown, whose coordination-service shutdown waits for every peer (measured: 6 s past the grace
-    period with a frozen peer), after the watchdog can no longer run (Python is finalizing)."""
-    if status == exitcodes.PREEMPTED:
+def exit_now_if_finished(status: int):
+    """A run that is done (0) or preempted (dtf.preemption) has written and closed everything it will (model.keras,
+    flags.txt and summary.json atomically; the TensorBoard writers closed in on_train_end): it exits at once, skipping
+    TensorFlow's teardown, which adds nothing but waiting. Measured (BUILD_NOTES.md, "Exit"): destroying the input
+    iterators Keras leaves alive (per-device iterators of pipelines that work ahead) took 1.5-10 s each, serially,
+    also when deleted one by one in a live interpreter, so a run lingered 12 s to minutes after its summary and once
+    never exited; a preempted run's coordination-service shutdown waits for every peer (6 s past the grace period
+    with a frozen peer), after the watchdog can no longer run (Python is finalizing)."""
+    if status in (0, exitcodes.PREEMPTED) and "tensorflow" in sys.modules:  # --help etc. exit normally
+        import logging
+
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
@@ -112,5 +122,5 @@ def exit_now_if_preempted(status: int):
 
 if __name__ == "__main__":
     status = main()
-    exit_now_if_preempted(status)
+    exit_now_if_finished(status)
     sys.exit(status)

@@ -279,7 +279,7 @@ CASES = [
     Case("evaluator-task-no-build-model", task("NoBuildModel", "--mode=evaluate_continuously"),
          ["--task=", "build_model()"]),
     Case("evaluator-model-dir-without-a-run", ["dtf.run", "--mode=evaluate_continuously", "--model_dir={cwd}/nope"],
-         ["--model_dir"], xfail="fixed on branch exitfix"),
+         ["--model_dir"]),
     # --- dtf.launch (local, ray, --emit)
     Case("launch-num-workers-0", ["dtf.launch", "--num_workers=0", *WORKER], ["--num_workers"]),
     Case("launch-num-workers-missing", ["dtf.launch", *WORKER], ["--num_workers"]),
