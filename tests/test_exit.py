@@ -19,12 +19,14 @@ SMALL_RUN = ["--dataset=shapes", "--model=mlp", "--global_batch_size=64", "--epo
 
 def _run(model_dir, kill=None, timeout_s=300.0):
     """One `dtf.run`; kill=(signal, seconds after the first backup) stops it there. Returns (status, seconds from its
-    'dtf: outputs in' line to its exit, or None)."""
+    last line — 'dtf: outputs in', or 'already holds this run' when the killed run had finished — to its exit, or
+    None)."""
     proc = subprocess.Popen([sys.executable, "-m", "dtf.run", *SMALL_RUN, f"--model_dir={model_dir}"], cwd=REPO,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     done = []
     reader = threading.Thread(target=lambda: done.extend(time.monotonic() for line in proc.stdout
-                                                          if line.startswith("dtf: outputs in")))
+                                                          if line.startswith("dtf: outputs in")
+                                                          or "already holds this run, finished" in line))
     reader.start()
     try:
         if kill:
