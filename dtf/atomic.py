@@ -66,8 +66,8 @@ def unwritable(directory: str):
     left behind, not even the directory: a probe is made and removed in it, or in its nearest existing parent."""
     existing = directory
     while not tf.io.gfile.exists(existing):
-        parent = os.path.dirname(existing.rstrip("/"))
-        if not parent or parent == existing or ("://" in existing and "://" not in parent):
+        parent = os.path.dirname(existing.rstrip("/")) or "."
+        if parent == existing or ("://" in existing and "://" not in parent):
             break  # a bucket or root that does not list as existing: let the probe say
         existing = parent
     probe = _temporary_name(os.path.join(existing, "write-check"))

@@ -265,6 +265,7 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
     decision = rundir.decide(config.model_dir, exp.rerun_plan(), config.epochs, restart)  # reads only
     if decision.action == "finished":
         return {**decision.summary, "already_finished": True}
+    model = exp.build_model()  # its checks (the task's model against its data) come before anything is written
     lock = None
     if cluster.is_chief:
         check_model_dir(config.model_dir)
@@ -280,15 +281,15 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
         backup = decision.backup
         initial_epoch, initial_step = (backup.epoch, backup.steps_done) if backup else (0, 0)
         if decision.action == "export":
-            return _export_backup(exp, resolved, backup, start)
-        return _train(exp, resolved, decision, initial_epoch, initial_step, start)
+            return _export_backup(exp, model, resolved, backup, start)
+        return _train(exp, model, resolved, decision, initial_epoch, initial_step, start)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(exp: Experiment, resolved: Config, decision: rundir.Decision, initial_epoch: int, initial_step: int,
-           start: float) -> dict:
+def _train(exp: Experiment, model: keras.Model, resolved: Config, decision: rundir.Decision, initial_epoch: int,
+           initial_step: int, start: float) -> dict:
     config, cluster, strategy = exp.config, exp.cluster, exp.strategy
     stop = preemption.Preemption(cluster, config.preemption_grace_s)  # after the strategy: TF takes SIGTERM there
     try:  # until training is over, SIGTERM stops every worker at one agreed step (dtf.preemption)
@@ -296,7 +297,6 @@ def _train(exp: Experiment, resolved: Config, decision: rundir.Decision, initial
             exp.data_service = service
             log.info(exp.describe())
             log_dir = os.path.join(config.model_dir, "tensorboard")
-            model = exp.build_model()
             if cluster.is_chief:
                 write_run_metadata(log_dir, resolved)
             callbacks = exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR))
@@ -317,9 +317,8 @@ def _train(exp: Experiment, resolved: Config, decision: rundir.Decision, initial
     return summary
 
 
-def _export_backup(exp: Experiment, resolved: Config, backup, start: float) -> dict:
+def _export_backup(exp: Experiment, model: keras.Model, resolved: Config, backup, start: float) -> dict:
     """The outputs of a run that trained every epoch but was stopped before writing them, from its last backup."""
-    model = exp.build_model()
     with exp.strategy.scope():
         callbacks_lib.restore(model, backup)
     summary = _summary(exp, resolved, {}, exp.evaluate(model), [backup.epoch, backup.steps_done], start)
