@@ -90,10 +90,13 @@ class Decision:
         return self.action in ("fresh", "resume")
 
 
-def decide(model_dir: str, plan: Dict[str, str], epochs: int, restart: bool = False) -> Decision:
+def decide(model_dir: str, plan: Dict[str, str], epochs: int, steps_per_epoch: int,
+           restart: bool = False) -> Decision:
     """What a run with `plan` and `epochs` does in `model_dir` (see the module docstring). Reads only."""
     backup_dir = os.path.join(model_dir, BACKUP_DIR)
     backup = callbacks_lib.latest_backup(backup_dir)  # a damaged or metadata-less backup is a UserError there
+    if backup is not None and backup.steps_done >= steps_per_epoch:  # a step backup at the epoch's last step,
+        backup = dataclasses.replace(backup, epoch=backup.epoch + 1, steps_done=0)  # killed before the epoch's one
     if backup is None:
         leftovers = [name for name in OUTPUTS if tf.io.gfile.exists(os.path.join(model_dir, name))]
         if not leftovers:

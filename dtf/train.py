@@ -262,7 +262,10 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
     strategy = strategy or create_strategy(config)
     exp = Experiment(config, strategy, cluster, task)
     resolved = exp.resolved_config()
-    decision = rundir.decide(config.model_dir, exp.rerun_plan(), config.epochs, restart)  # reads only
+    def decide():
+        return rundir.decide(config.model_dir, exp.rerun_plan(), config.epochs, exp.steps_per_epoch, restart)
+
+    decision = decide()  # reads only
     if decision.action == "finished":
         return {**decision.summary, "already_finished": True}
     model = exp.build_model()  # its checks (the task's model against its data) come before anything is written
@@ -275,7 +278,7 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
         lock = rundir.RunLock(config.model_dir).acquire()
     try:
         if cluster.is_chief and not decision.move_aside:  # again, now that no other run can change model_dir
-            decision = rundir.decide(config.model_dir, exp.rerun_plan(), config.epochs, restart)
+            decision = decide()
         if decision.message and not decision.move_aside:
             log.info(decision.message)
         backup = decision.backup

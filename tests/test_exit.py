@@ -69,12 +69,11 @@ def test_ten_kill_and_resume_cycles_each_exit_within_seconds_of_the_summary(tmp_
     print("seconds from the done line to exit:", [round(s, 2) for s in lingers])
 
 
-def test_absurd_num_cpu_devices_is_one_line_exit_2_before_tensorflow(capsys, tmp_path):
-    from dtf import run
-
-    assert run.main(["dtf.run", "--num_cpu_devices=100000", f"--model_dir={tmp_path / 'out'}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("dtf.run: error: --num_cpu_devices=100000 ") and "at most 256" in err, err
+def test_absurd_num_cpu_devices_is_one_line_exit_2_before_tensorflow(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dtf.run", "--num_cpu_devices=100000", f"--model_dir={tmp_path / 'out'}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    err = proc.stderr
+    assert proc.returncode == 2 and err.startswith("dtf.run: error: --num_cpu_devices=100000 ") and "at most 256" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
