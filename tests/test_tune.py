@@ -91,7 +91,7 @@ def test_rerun_resumes_without_new_trials(sweep):
     (["--tune_base_lr=0.5:0.1"], "MIN 0.5 is greater than MAX 0.1"),
     (["--tune_base_lr=0.1", "--tuner=annealing"], "--tuner='annealing' is not valid"),
     (["--tune_global_batch_sizes=32,33"], "33 is not divisible by the 2 replicas"),
-    (["--tune_lr_scaling=linear,cubic"], "--lr_scaling='cubic' is not valid"),
+    (["--tune_lr_scaling=linear,cubic"], "--tune_lr_scaling: 'cubic' is not valid"),
     ([], "nothing to tune"),
     (["--tune_base_lr=0.1", "--objective=val_mean_absolute_error"],  # a classifier: known before trial 0 trains
      "--objective=val_mean_absolute_error is not a metric this task's model reports; choose one of: loss, accuracy, "
