@@ -189,8 +189,8 @@ def test_tune_task_on_a_regression_objective_and_train_the_best(tmp_path):
                              "--objective=val_nope_error", f"--tune_dir={tmp_path / 'sweep2'}"])
     assert wrong.returncode == 2, wrong.stderr[-2000:]
     assert wrong.stderr.strip().splitlines()[-1].startswith(
-        "dtf.tune: error: --objective=val_nope_error is not a metric of this run; it reports: loss, "
-        "mean_absolute_error, val_loss, val_mean_absolute_error")
+        "dtf.tune: error: --objective=val_nope_error is not a metric this task's model reports; choose one of: "
+        "loss, mean_absolute_error, val_loss, val_mean_absolute_error")
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
