@@ -272,17 +272,22 @@ def _check_grid4(tune_dir):
     return rows, infos
 
 
-@pytest.mark.slow
-def test_num_tuners_chief_and_two_workers(tmp_path):
-    """Chief (oracle, no training) + 2 tuner workers on 127.0.0.1 share 4 grid trials; only the chief writes results."""
-    flagfile = _dist_flagfile(tmp_path)
-    run = _Launch([f"--flagfile={flagfile}", "--num_tuners=2"], tmp_path)
+def _sweep_to_success(args, cwd) -> str:
+    """A distributed sweep (`_Launch`) that must exit 0 within DIST_TIMEOUT_S; its output."""
+    run = _Launch(args, cwd)
     try:
         assert run.wait(DIST_TIMEOUT_S) == 0, run.output[-4000:]
     finally:
         if run.proc.poll() is None:
             run.kill()
-    out = run.output
+    return run.output
+
+
+@pytest.mark.slow
+def test_num_tuners_chief_and_two_workers(tmp_path):
+    """Chief (oracle, no training) + 2 tuner workers on 127.0.0.1 share 4 grid trials; only the chief writes results."""
+    flagfile = _dist_flagfile(tmp_path)
+    out = _sweep_to_success([f"--flagfile={flagfile}", "--num_tuners=2"], tmp_path)
     rows, infos = _check_grid4(tmp_path / "tune")
     assert {r["tuner"] for r in rows} == {"tuner0", "tuner1"}, rows  # both workers trained
     assert {i["tuner"] for i in infos} == {"tuner0", "tuner1"}
@@ -349,13 +354,7 @@ def test_finished_sweep_rerun_with_num_tuners_trains_nothing(sweep):
     they are."""
     tmp, flagfile, _ = sweep
     before = {name: (tmp / "tune" / name).read_bytes() for name in OUTPUTS}
-    run = _Launch([f"--flagfile={flagfile}", "--num_tuners=2"], tmp)
-    try:
-        assert run.wait(DIST_TIMEOUT_S) == 0, run.output[-4000:]
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
-    out = run.output
+    out = _sweep_to_success([f"--flagfile={flagfile}", "--num_tuners=2"], tmp)
     assert "[ chief] dtf.tune: 0 new trial(s)" in out, out[-3000:]
     assert not re.search(r"trial \d+ -> tuner", out) and not re.search(r"\] trial \d+: epoch", out), out[-3000:]
     assert "tuner0 ran 0 trial(s)" in out and "tuner1 ran 0 trial(s)" in out
