@@ -50,7 +50,9 @@ def _run(model_dir, kill=None, timeout_s=300.0):
 def test_ten_kill_and_resume_cycles_each_exit_within_seconds_of_the_summary(tmp_path):
     """Killed (SIGKILL or SIGTERM, at different points after a backup), then rerun: each rerun resumes, writes its
     summary and exits within EXIT_AFTER_DONE_S; every one ends with the validation metrics of an uninterrupted run
-    (the last epoch's training metrics average only the steps after a mid-epoch resume)."""
+    (the last epoch's training metrics average only the steps after a mid-epoch resume). A SIGTERM that lands after
+    training, while the run evaluates or exports, ends it by the default handler (-15 here, 143 in a shell): the rerun
+    then exports from the last backup."""
     status, linger = _run(tmp_path / "reference")
     assert status == 0 and linger is not None and linger <= EXIT_AFTER_DONE_S, (status, linger)
     reference = json.loads((tmp_path / "reference" / "summary.json").read_text())["final_metrics"]
@@ -59,7 +61,7 @@ def test_ten_kill_and_resume_cycles_each_exit_within_seconds_of_the_summary(tmp_
         model_dir = tmp_path / f"cycle{cycle}"
         sig = signal.SIGKILL if cycle % 2 else signal.SIGTERM
         first, _ = _run(model_dir, kill=(sig, 0.4 * (cycle // 2)))
-        assert first in (0, -signal.SIGKILL, 143), first
+        assert first in (0, -signal.SIGKILL, -signal.SIGTERM, 143), first
         status, linger = _run(model_dir)
         lingers.append(linger)
         assert status == 0 and linger is not None and linger <= EXIT_AFTER_DONE_S, (cycle, status, lingers)
