@@ -10,7 +10,6 @@ results.csv, table.md and batch_scaling.png in --study_dir; each run's outputs i
 import csv
 import math
 import os
-import sys
 from typing import List, Optional
 
 from dtf import cli
@@ -228,4 +227,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

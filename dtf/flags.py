@@ -110,11 +110,7 @@ def with_run_data_flags(argv: Sequence[str], names: Sequence[str], flag_values=F
     if not model_dir or any(_last_value(args, name) is not None for name in ("task", "dataset")):
         return list(argv), ""
     path = os.path.join(model_dir, "flags.txt")
-    try:
-        with open(path) as f:
-            lines = [line.strip() for line in f if line.startswith("--")]
-    except OSError:
-        return list(argv), ""
+    lines = [line.strip() for line in _read_lines(path) if line.startswith("--")]
     dtf_flags = {f.name for f in dataclasses.fields(config_lib.Config) if f.metadata["flag"]}
 
     def name_of(line):
@@ -125,6 +121,25 @@ def with_run_data_flags(argv: Sequence[str], names: Sequence[str], flag_values=F
     if not any(name_of(line) in ("task", "dataset") for line in taken):
         return list(argv), ""
     return [argv[0], *taken, *argv[1:]], f"{' '.join(taken)} (from {path})"
+
+
+def _read_lines(path: str) -> List[str]:
+    """The lines of `path`, [] when it cannot be read. A remote path (gs://, s3://, ...) is read through TensorFlow's
+    filesystems, the only ones that know it; TensorFlow is imported then and only then, so local runs parse their
+    flags without it."""
+    if "://" not in path:
+        try:
+            with open(path) as f:
+                return f.read().splitlines()
+        except OSError:
+            return []
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return f.read().splitlines()
+    except tf.errors.OpError:
+        return []
 
 
 def define_task_flags(argv: Sequence[str], flag_values=FLAGS):

@@ -4,9 +4,8 @@ The same command runs on one device, on simulated or real mirrored devices, or a
 (TF_CONFIG, or --worker_hosts/--task_index, or --cluster_resolver=slurm).
 """
 import os
-import sys
 
-from dtf import cli, exitcodes
+from dtf import cli
 
 MODES = ("train", "evaluate_continuously")
 
@@ -103,24 +102,5 @@ def main(argv=None):
     return cli.main("dtf.run", _define, _body, argv, doc=__doc__)
 
 
-def exit_now_if_finished(status: int):
-    """A run that is done (0) or preempted (dtf.preemption) has written and closed everything it will (model.keras,
-    flags.txt and summary.json atomically; the TensorBoard writers closed in on_train_end): it exits at once, skipping
-    TensorFlow's teardown, which adds nothing but waiting. Measured (BUILD_NOTES.md, "Exit"): destroying the input
-    iterators Keras leaves alive (per-device iterators of pipelines that work ahead) took 1.5-10 s each, serially,
-    also when deleted one by one in a live interpreter, so a run lingered 12 s to minutes after its summary and once
-    never exited; a preempted run's coordination-service shutdown waits for every peer (6 s past the grace period
-    with a frozen peer), after the watchdog can no longer run (Python is finalizing)."""
-    if status in (0, exitcodes.PREEMPTED) and "tensorflow" in sys.modules:  # --help etc. exit normally
-        import logging
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-
-
 if __name__ == "__main__":
-    status = main()
-    exit_now_if_finished(status)
-    sys.exit(status)
+    cli.exit(main())

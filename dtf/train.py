@@ -293,7 +293,7 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
 
 def _train(exp: Experiment, model: keras.Model, resolved: Config, decision: rundir.Decision, initial_epoch: int,
            initial_step: int, start: float) -> dict:
-    config, cluster, strategy = exp.config, exp.cluster, exp.strategy
+    config, cluster = exp.config, exp.cluster
     stop = preemption.Preemption(cluster, config.preemption_grace_s)  # after the strategy: TF takes SIGTERM there
     try:  # until training is over, SIGTERM stops every worker at one agreed step (dtf.preemption)
         with data_service_lib.running(config.data_service) as service:  # training input only; evaluation is local

@@ -383,3 +383,22 @@ def test_run_data_flags_come_from_flags_txt_unless_the_command_line_names_the_da
         assert dtf_flags.with_run_data_flags([*argv, named], ("task",), fresh) == ([*argv, named], "")
     assert dtf_flags.with_run_data_flags(["prog", f"--model_dir={tmp_path / 'none'}"], ("task",), fresh) == \
         (["prog", f"--model_dir={tmp_path / 'none'}"], "")
+
+
+def test_run_data_flags_are_read_from_a_remote_model_dir():
+    """A run on gs:// (here `ram://`, TensorFlow's in-memory filesystem) gives its data flags like a local one."""
+    import tensorflow as tf
+    from absl import flags
+
+    from dtf import flags as dtf_flags
+
+    model_dir = "ram://dtf-test/flags-run"
+    tf.io.gfile.makedirs(model_dir)
+    with tf.io.gfile.GFile(f"{model_dir}/flags.txt", "w") as f:
+        f.write("--dataset=digits\n--data_dir=/data\n--global_batch_size=32\n")
+    argv = ["prog", f"--model_dir={model_dir}"]
+    assert dtf_flags.with_run_data_flags(argv, ("dataset", "data_dir"), flags.FlagValues()) == (
+        ["prog", "--dataset=digits", "--data_dir=/data", *argv[1:]], f"--dataset=digits --data_dir=/data (from "
+        f"{model_dir}/flags.txt)")
+    missing = ["prog", "--model_dir=ram://dtf-test/no-run"]
+    assert dtf_flags.with_run_data_flags(missing, ("dataset",), flags.FlagValues()) == (missing, "")
