@@ -76,3 +76,16 @@ def mirrored4():
     import dtf
 
     return dtf.create_strategy("mirrored", num_cpu_devices=4)
+
+
+# Files that must not run beside each other in `pytest -n 2 --dist loadgroup`: each Slurm file starts its own Slurm.
+SHARED_GROUPS = {"test_slurm": "slurm", "test_slurm_preemption": "slurm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's `--dist loadgroup` (the README's test command) a file's tests stay in one worker, so its
+    module fixtures (a trained reference run, a Slurm cluster, the bad-input table) are built once, and the files of
+    SHARED_GROUPS share a worker."""
+    for item in items:
+        name = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(name, name)))
