@@ -82,6 +82,7 @@ def mirrored4():
 SHARED_GROUPS = {"test_slurm": "slurm", "test_slurm_preemption": "slurm"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's `--dist loadgroup` (the README's test command) a file's tests stay in one worker, so its
     module fixtures (a trained reference run, a Slurm cluster, the bad-input table) are built once, and the files of
