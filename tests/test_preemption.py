@@ -169,8 +169,11 @@ def backup(signum, frame):
     open(os.path.join(sys.argv[1], f"backup-{index}"), "w").close()
     sys.exit(143)
 signal.signal(signal.SIGTERM, backup)
+open(os.path.join(sys.argv[1], f"up-{index}"), "w").close()  # its SIGTERM handler is in place
 print("UP", flush=True)
-if index == 1 and sys.argv[2] == "self":
+if index == 1 and sys.argv[2] == "self":  # preempted once the chief can back up (not while it is still starting)
+    while not os.path.exists(os.path.join(sys.argv[1], "up-0")):
+        time.sleep(0.05)
     sys.exit(143)
 time.sleep(60)
 """

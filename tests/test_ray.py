@@ -142,3 +142,26 @@ def test_ray_retries_a_crash_but_not_a_user_error(netns, tmp_path):
     missing = [line for line in lines if line.startswith("dtf.ray: error: ")]  # both workers' node: one line
     assert len(missing) == 1 and f"the launch directory {tmp_path}/not-shared does not exist on Ray node 127.0.0.1" \
         in missing[0], out[-4000:]
+
+
+NICENESS = """
+import os
+import sys
+from dtf import ray as dtf_ray
+status = dtf_ray.fit([sys.executable, "-c", "import os; print('niceness', os.nice(0))"], 1)
+print("STATUS", status, "LEFT", os.environ.get("RAY_worker_niceness"), flush=True)
+"""
+
+
+def test_ray_local_instance_runs_the_command_at_normal_priority(netns, tmp_path):
+    """Ray renices its workers to 15; on the instance dtf starts the command runs at 0, as with the local launcher
+    (at 15 anything else running starved it: see dtf.ray._init_local), and dtf's setting is not left behind."""
+    script = tmp_path / "niceness.py"
+    script.write_text(NICENESS)
+    env = dict(os.environ, PYTHONPATH=REPO, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_worker_niceness", None)
+    run = subprocess.run(netns.wrap([sys.executable, str(script)]), env=env, cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "STATUS 0 LEFT None" in run.stdout, out[-4000:]
+    assert "[chief] niceness 0" in run.stdout.splitlines(), out[-4000:]
