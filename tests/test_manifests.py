@@ -435,9 +435,13 @@ def test_ray_fit_runs_a_config_as_the_same_dtf_run_flags():
 
 
 # A fake srun for the evaluator's script: every step is one task on node9 of job 77.
+# Like srun without --unbuffered (slurmstepd forwards a task's output a line at a time), this passes the output on
+# in whole lines (sed -u): the evaluator's step and the workers' write to the job's output at the same time, and a
+# Python under PYTHONUNBUFFERED=1 writes a line's text and its newline separately (CI once got them mid-line).
 FAKE_SRUN_ONE_TASK = """#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done
-SLURM_PROCID=0 SLURMD_NODENAME=node9 SLURM_STEP_NODELIST=node9 SLURM_STEP_TASKS_PER_NODE=1 exec "$@"
+SLURM_PROCID=0 SLURMD_NODENAME=node9 SLURM_STEP_NODELIST=node9 SLURM_STEP_TASKS_PER_NODE=1 "$@" 2>&1 | sed -u ''
+exit ${PIPESTATUS[0]}
 """
 EVALUATOR = """
 import os, sys
