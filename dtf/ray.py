@@ -150,9 +150,9 @@ def _import_trainer():
 
 def _init_local(ray, num_workers: int, quiet: dict):
     """A local Ray instance, on loopback only. Its workers, and so the training processes they start, run at normal
-    priority: Ray renices worker processes to 15 by default (for daemons sharing a node with them), and on a machine
-    doing anything else that starved them: with three busy processes on 2 cores the README's 2-worker run took
-    417 s instead of 84 s, nearly all of it before training began. The local launcher's workers are not reniced either."""
+    priority, as the local launcher's: Ray renices workers to 15 by default (to keep its own daemons responsive), and
+    on a machine doing anything else that starved them: with three busy processes on 2 cores the README's 2-worker
+    run took 417 s instead of 84 s, nearly all of it before training began."""
     saved = os.environ.get(NICENESS)
     os.environ[NICENESS] = saved if saved is not None else "0"  # read by the raylet and workers ray.init starts
     try:
