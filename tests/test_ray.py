@@ -50,11 +50,22 @@ def netns():
         assert [p.pid for p in ns.processes()] == []  # dtf.ray stopped the Ray instance it started
 
 
+def _env(**extra):
+    return dict(os.environ, PYTHONPATH=REPO, RAY_AUTH_MODE="disabled", **extra)
+
+
 def _launch(args, cwd, wrap=lambda c: c, timeout_s=420):
-    env = dict(os.environ, PYTHONPATH=REPO, RAY_AUTH_MODE="disabled",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = _env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     return subprocess.run(wrap([sys.executable, "-m", "dtf.launch", *args]), env=env, cwd=str(cwd),
                           capture_output=True, text=True, timeout=timeout_s)
+
+
+def _python(netns, tmp_path, code, env):
+    """`code` as a script in tmp_path, run there inside the namespace."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    return subprocess.run(netns.wrap([sys.executable, str(script)]), env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300)
 
 
 def _weights(model_dir):
@@ -124,11 +135,7 @@ ray.shutdown()
 
 
 def test_ray_retries_a_crash_but_not_a_user_error(netns, tmp_path):
-    script = tmp_path / "retries.py"
-    script.write_text(RETRIES)
-    env = dict(os.environ, PYTHONPATH=REPO, RAY_AUTH_MODE="disabled")
-    run = subprocess.run(netns.wrap([sys.executable, str(script)]), env=env, cwd=str(tmp_path),
-                         capture_output=True, text=True, timeout=300)
+    run = _python(netns, tmp_path, RETRIES, _env())
     out = run.stdout + run.stderr
     assert run.returncode == 0 and "STATUSES 0 2 2" in out, out[-4000:]
     assert len((tmp_path / "crash0").read_text().splitlines()) == 2  # the crash, then the restarted group
@@ -156,12 +163,9 @@ print("STATUS", status, "LEFT", os.environ.get("RAY_worker_niceness"), flush=Tru
 def test_ray_local_instance_runs_the_command_at_normal_priority(netns, tmp_path):
     """Ray renices its workers to 15; on the instance dtf starts the command runs at 0, as with the local launcher
     (at 15 anything else running starved it: see dtf.ray._init_local), and dtf's setting is not left behind."""
-    script = tmp_path / "niceness.py"
-    script.write_text(NICENESS)
-    env = dict(os.environ, PYTHONPATH=REPO, RAY_AUTH_MODE="disabled")
+    env = _env()
     env.pop("RAY_worker_niceness", None)
-    run = subprocess.run(netns.wrap([sys.executable, str(script)]), env=env, cwd=str(tmp_path),
-                         capture_output=True, text=True, timeout=300)
+    run = _python(netns, tmp_path, NICENESS, env)
     out = run.stdout + run.stderr
     assert run.returncode == 0 and "STATUS 0 LEFT None" in run.stdout, out[-4000:]
     assert "[chief] niceness 0" in run.stdout.splitlines(), out[-4000:]
