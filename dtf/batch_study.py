@@ -22,7 +22,7 @@ COLUMNS = ("global_batch_size", "rule", "peak_lr", "val_accuracy", "epochs_to_ta
 def _define(argv):
     from absl import flags
 
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     dtf_flags.define_flags()
     module = "dtf: study"
@@ -35,7 +35,7 @@ def _define(argv):
                        module_name=module)
     flags.DEFINE_string("study_dir", "runs/batch_study", "Where results.csv, table.md and the plot go.",
                         module_name=module)
-    dtf_flags.define_task_flags(argv)  # last: a task flag that clashes with any of dtf's is reported as such
+    cli.define_task_flags(argv)  # last: a task flag that clashes with any of dtf's is reported as such
 
 
 def rule_config(config, batch: int, rule: str, warmup_epochs: float, lars_lr: float):
@@ -79,8 +79,8 @@ def _cells(config, batches, rules, study_dir, warmup_epochs, lars_lr, num_replic
 def check_grid(cells, batches, strategy):
     """Fail with one line naming --batches before any run trains or anything is written: every cell's config, and
     every batch against the replicas and the task's data (dtf.run's checks)."""
-    from dtf import train
-    from dtf.errors import UserError
+    from dtf.base.errors import UserError
+    from dtf.experiment import train
 
     given = ",".join(map(str, batches))
     replicas = strategy.num_replicas_in_sync
@@ -104,7 +104,7 @@ def run_study(config, batches, rules, target, study_dir, warmup_epochs=1.0, lars
     """Train every (batch, rule) cell under one strategy (a second strategy in one process collides with the
     first's collectives), rewriting the outputs after each cell; a diverged run is a result, not a failure. The
     whole grid is checked first."""
-    from dtf import train
+    from dtf.experiment import train
 
     strategy = strategy or train.create_strategy(config)
     cells = _cells(config, batches, rules, study_dir, warmup_epochs, lars_lr, strategy.num_replicas_in_sync)
@@ -121,7 +121,7 @@ def run_study(config, batches, rules, target, study_dir, warmup_epochs=1.0, lars
 
 
 def _check(config, batches, rules, target):
-    from dtf.errors import UserError
+    from dtf.base.errors import UserError
 
     if not batches:
         raise UserError("--batches is required: the global batch sizes to train, e.g. --batches=64,128,256")
@@ -206,12 +206,12 @@ def plot(rows, study_dir: str, target: float, b_noise: Optional[float]):
 
 
 def _body(rest):
-    from dtf import versions
+    from dtf.base import versions
 
     versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from absl import flags
 
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     f = flags.FLAGS
     config = dtf_flags.config_from_flags()

@@ -25,7 +25,7 @@ from dtf import cli
 def _define(argv):
     from absl import flags
 
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     dtf_flags.define_flags()
     kw = dict(module_name="dtf: bench")
@@ -47,11 +47,11 @@ def _define(argv):
                            "(default: the measured 1-replica training step).", lower_bound=0.001, **kw)
         flags.DEFINE_float("bench_timeout", 900.0, "scaling: seconds each replica count may take.", lower_bound=1,
                            **kw)
-    dtf_flags.define_task_flags(argv)
+    cli.define_task_flags(argv)
 
 
 def _experiment(config):
-    from dtf import train
+    from dtf.experiment import train
 
     cluster = train.resolve_cluster(config)
     if cluster.is_chief:
@@ -66,7 +66,7 @@ def _gradient_bytes(model) -> int:
 def bottleneck(config, flag_values) -> dict:
     import os
 
-    from dtf import allreduce, bottleneck as lib
+    from dtf.benchmarks import allreduce, bottleneck as lib
 
     exp = _experiment(config)
     model = exp.build_model()
@@ -104,7 +104,7 @@ def format_bottleneck(r: dict) -> str:
 
 
 def overhead(config, flag_values) -> dict:
-    from dtf import overhead as lib
+    from dtf.benchmarks import overhead as lib
 
     epochs = flag_values.bench_epochs
     config = config.replace(epochs=epochs, validation_freq=epochs + 1)  # epochs as dtf.run trains them
@@ -122,7 +122,7 @@ def overhead(config, flag_values) -> dict:
 
 
 def scaling(config, flag_values) -> dict:
-    from dtf import bench_scaling
+    from dtf.benchmarks import scaling as bench_scaling
 
     return bench_scaling.run(config, flag_values)
 
@@ -138,13 +138,13 @@ def main(argv=None):
     def body(_):
         from absl import flags
 
-        from dtf import flags as dtf_flags
-        from dtf.errors import UserError
+        from dtf.base.errors import UserError
+        from dtf.config import flags as dtf_flags
 
         if command not in RUNNERS:
             given = f"{command!r} is not a benchmark" if command else "no benchmark given"
             raise UserError(f"{given}; run python -m dtf.bench {{{'|'.join(RUNNERS)}}} --flagfile=exp.flags")
-        from dtf import versions
+        from dtf.base import versions
 
         versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
 

@@ -1,40 +1,22 @@
 """What every dtf command-line tool shares: the one error path (a dtf error anywhere becomes one line
-`prog: error: …` with its exit status from dtf.exitcodes, no traceback), absl flag parsing, and `--help` with the
+`prog: error: …` with its exit status from dtf.base.exitcodes, no traceback), absl flag parsing, and `--help` with the
 exit-status table. Nothing here imports TensorFlow: `--help` and flag errors stay instant."""
 import os
 import sys
 from typing import Callable, List, Sequence
 
-from dtf import exitcodes, logs
-from dtf.errors import DtfError, UserError
+from dtf.base import exitcodes, logs
+from dtf.base.errors import UserError, guard
+from dtf.config import specs
 
-INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 
 def exit_status_help() -> str:
-    """The exit-status table of dtf.exitcodes (its docstring is the one source), for `--help`."""
+    """The exit-status table of dtf.base.exitcodes (its docstring is the one source), for `--help`."""
     rows = [line.strip("|").split("|") for line in exitcodes.__doc__.splitlines()
             if line.startswith("| ") and not line.startswith("| status")]
     return "exit status:\n" + "\n".join(f"  {s.strip():>4}  {m.strip()}; restarted: {r.strip()}" for s, m, r in rows)
-
-
-def report(prog: str, error: DtfError) -> int:
-    """Print `error` as one line naming flags (not Python arguments); return its exit status."""
-    sys.stderr.write(f"{prog}: error: {error.as_flags()}\n")
-    return error.exit_status
-
-
-def guard(prog: str, body: Callable[[], int]) -> int:
-    """Run `body()`; a dtf error is reported on one line with its status, Ctrl-C is status 130. Anything else is a
-    crash and keeps its traceback (status 1)."""
-    try:
-        return body()
-    except DtfError as e:
-        return report(prog, e)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
-        return INTERRUPTED
 
 
 def print_help(doc: str, task_modules: Sequence[str] = ()):
@@ -48,6 +30,17 @@ def print_help(doc: str, task_modules: Sequence[str] = ()):
             print(flags.FLAGS.module_help(module) + "\n")
     print("logging:\n  --verbosity: 1 (or -v 1) shows TensorFlow's own logs; default quiet.\n")
     print(exit_status_help())
+
+
+def define_task_flags(argv: Sequence[str]):
+    """Import the --task module named in `argv` before the command line is parsed, which defines its flags."""
+    from dtf.config.flags import task_spec
+
+    spec = task_spec(argv)
+    if spec:
+        from dtf.experiment import task as task_lib  # loads TensorFlow: only when there is a task to import
+
+        task_lib.resolve(spec)
 
 
 def parse_flags(argv: Sequence[str], flag_values=None) -> List[str]:
@@ -77,17 +70,15 @@ def main(prog: str, define: Callable[[List[str]], None], body: Callable[[List[st
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
 
     def run() -> int:
-        from absl import flags
         from absl import logging  # noqa: F401  (defines --verbosity; TensorFlow is not there yet to import it)
+        from absl import flags
 
         define(argv)
         if set(HELP_FLAGS) & set(argv[1:]):
-            from dtf.flags import task_spec
+            from dtf.config.flags import task_spec
 
-            spec = task_spec(argv)
-            if spec:
-                from dtf.task import module_name  # the task module is imported already, and TensorFlow with it
-            print_help(doc or prog, [module_name(spec)] if spec else ())
+            spec = task_spec(argv)  # its module is imported already (define), and TensorFlow with it
+            print_help(doc or prog, [specs.module_name(spec)] if spec else ())
             return exitcodes.OK
         rest = parse_flags(argv)
         if flags.FLAGS["verbosity"].value >= 1:
@@ -100,7 +91,7 @@ def main(prog: str, define: Callable[[List[str]], None], body: Callable[[List[st
 
 
 def exit(status: int):
-    """End a dtf command with `status`, like sys.exit. One that is done (0) or preempted (dtf.preemption) has written
+    """End a dtf command with `status`, like sys.exit. One that is done (0) or preempted (dtf.experiment.preemption) has written
     and closed everything it will (its results atomically; TensorBoard writers close at the end of training): once
     TensorFlow is loaded it exits at once, skipping TensorFlow's teardown, which adds nothing but waiting. Measured
     (BUILD_NOTES.md, "Exit"): destroying the input iterators Keras leaves alive (per-device iterators of pipelines

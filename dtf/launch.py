@@ -13,7 +13,7 @@ Restarts follow dtf's exit-status table (below): a crash (1, or any unlisted sta
 user error (2) or a diverged run (3) is never restarted, since a rerun would fail the same way.
 
 Preemption: a SIGTERM (or SIGINT) to the launcher is passed on to every worker as SIGTERM; dtf workers then stop at
-one agreed step, the chief backs up there, and they exit 143 (dtf.preemption). The launcher waits up to
+one agreed step, the chief backs up there, and they exit 143 (dtf.experiment.preemption). The launcher waits up to
 --preemption_grace_s for them (then SIGKILL) and exits 143 (130 for SIGINT); the rerun resumes at that step. A worker
 that exits 143 by itself (it got the SIGTERM) gives the others the same time before they are killed, and the group is
 restarted, uncounted.
@@ -25,9 +25,9 @@ Security: TensorFlow's worker servers listen on every interface, unauthenticated
 launcher therefore runs the group in a private network namespace with loopback only (--isolate_network, the default),
 where nothing outside this host can reach them (nor can the workers reach the network).
 
-`--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.manifests,
-dtf.slurm); `--data_service_workers=N` adds a tf.data service to it (dtf.data_service). `--backend=ray` runs it
-on Ray Train workers instead of local processes (see dtf.ray).
+`--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.backends.tfjob,
+dtf.backends.slurm); `--data_service_workers=N` adds a tf.data service to it (dtf.cluster.data_service). `--backend=ray` runs it
+on Ray Train workers instead of local processes (see dtf.backends.ray).
 """
 import json
 import os
@@ -43,14 +43,11 @@ from typing import List, Optional, Sequence, Tuple
 from absl import flags
 
 from dtf import cli
-from dtf import cluster as cluster_lib
-from dtf import exitcodes
-from dtf import manifests
-from dtf import netns
-from dtf import procs
-from dtf import slurm
-from dtf.errors import UserError
-from dtf.logs import get_logger
+from dtf.backends import slurm, tfjob as manifests
+from dtf.base import errors, exitcodes
+from dtf.base.errors import UserError
+from dtf.base.logs import get_logger
+from dtf.cluster import netns, procs, tf_config as cluster_lib
 
 log = get_logger("dtf.launch")  # not __name__: that is "__main__" under `python -m`
 
@@ -82,11 +79,11 @@ flags.DEFINE_string("evaluator", None, "Also run this command (one shell-quoted 
 flags.DEFINE_string("job_name", None, f"Job name for --emit (default {manifests.DEFAULT_JOB_NAME}).",
                     flag_values=FLAGS)
 flags.DEFINE_enum("backend", "local", ["local", "ray"], "Where the workers run: local processes on 127.0.0.1, or Ray "
-                  "Train workers (dtf.ray; needs pip install -e '.[ray]').", flag_values=FLAGS)
+                  "Train workers (dtf.backends.ray; needs pip install -e '.[ray]').", flag_values=FLAGS)
 flags.DEFINE_string("address", None, "--backend=ray: the Ray cluster to join (default: start a local one). The "
                     "workers run the command in this directory, which every node must have (shared storage).",
                     flag_values=FLAGS)
-# --emit=slurm only (see dtf.slurm for the layout and restart rules).
+# --emit=slurm only (see dtf.backends.slurm for the layout and restart rules).
 flags.DEFINE_integer("nodes", None, "--emit=slurm: nodes (default: one task per node, so --num_workers).",
                      flag_values=FLAGS)
 flags.DEFINE_integer("tasks_per_node", None, "--emit=slurm: workers per node (default 1: one worker drives all of "
@@ -97,7 +94,7 @@ flags.DEFINE_string("time", None, "--emit=slurm: Slurm time limit, e.g. 90 or 1:
 flags.DEFINE_string("partition", None, "--emit=slurm: Slurm partition.", flag_values=FLAGS)
 flags.DEFINE_string("output", None, "--emit=slurm: the job's log file, e.g. logs/%x-%j.out.", flag_values=FLAGS)
 SLURM_FLAGS = ("nodes", "tasks_per_node", "gres", "time", "partition", "output")
-# --emit=tfjob only (see dtf.manifests).
+# --emit=tfjob only (see dtf.backends.tfjob).
 flags.DEFINE_integer("gpus_per_worker", None, "--emit=tfjob: GPUs per training pod (nvidia.com/gpu).",
                      flag_values=FLAGS)
 flags.DEFINE_string("cpu", None, "--emit=tfjob: CPU per training pod, e.g. 4 or 500m.", flag_values=FLAGS)
@@ -318,7 +315,7 @@ def emit(command: Sequence[str]) -> str:
 
 def _ray(command: Sequence[str]) -> int:
     """--backend=ray: the same command on Ray Train workers (imported here: Ray is an optional extra)."""
-    from dtf import ray as ray_backend
+    from dtf.backends import ray as ray_backend
 
     return ray_backend.fit(command, FLAGS.num_workers, address=FLAGS.address, max_restarts=FLAGS.max_restarts)
 
@@ -353,7 +350,7 @@ def _main(argv: Sequence[str]) -> int:
     try:
         return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout,
                       evaluator=evaluator_command(), preemption_grace_s=FLAGS.preemption_grace_s)
-    except procs.Stopped as stop:
+    except errors.Stopped as stop:
         log.info("launch: got %s; stopped all workers (they had %gs to back up)", signal.Signals(stop.signum).name,
                  FLAGS.preemption_grace_s)
         return 128 + stop.signum

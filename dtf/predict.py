@@ -15,7 +15,10 @@ import sys
 from typing import Optional
 
 from dtf import cli
-from dtf.errors import UserError
+from dtf.base.errors import UserError
+from dtf.base.logs import get_logger
+
+log = get_logger("dtf.predict")  # at import, like dtf.launch: dtf's log keeps the process's own stderr
 
 # Config fields predict shares with dtf.run: where it runs and what it reads (not how training goes).
 SHARED = ("strategy", "num_cpu_devices", "num_gpus", "communication", "cross_device_ops", "num_packs",
@@ -31,8 +34,8 @@ def _define(argv):
     """Defines the flags; with --model_dir, first inserts the run's data flags into `argv` (cli.main parses it next)."""
     from absl import flags
 
-    from dtf import flags as dtf_flags
-    from dtf import inference
+    from dtf.config import flags as dtf_flags
+    from dtf.inference import predictor as inference
 
     argv[:], _taken_from_run[0] = dtf_flags.with_run_data_flags(argv, RUN_DATA_FLAGS)
     dtf_flags.define_flags(names=SHARED)
@@ -50,7 +53,7 @@ def _define(argv):
         flags.DEFINE_enum("output_values", "logits", inference.OUTPUT_VALUES, "logits: the model's outputs as they "
                           "are; probabilities: softmax (sigmoid for one unit); argmax: the class index.",
                           module_name=module)
-    dtf_flags.define_task_flags(argv)
+    cli.define_task_flags(argv)
 
 
 def model_path(model, model_dir) -> str:
@@ -76,7 +79,7 @@ def model_path(model, model_dir) -> str:
 def _data(config, split_name: Optional[str]):
     """(split, preprocess_batch or None, label) from --task or --dataset; split_name None: the evaluation split."""
     from dtf import datasets
-    from dtf import task as task_lib
+    from dtf.experiment import task as task_lib
 
     if config.task:
         task = task_lib.load(config.task)
@@ -100,7 +103,7 @@ def _check_fit(model, split, preprocess_batch, model_label: str, data_label: str
     """The model's outputs on two real examples, or a UserError naming both the model and the data."""
     import keras
 
-    from dtf import task as task_lib
+    from dtf.experiment import task as task_lib
 
     batch = next(iter(split.read(None).take(2).batch(2)))
     x, _, _ = keras.utils.unpack_x_y_sample_weight(preprocess_batch(batch) if preprocess_batch else batch)
@@ -109,18 +112,16 @@ def _check_fit(model, split, preprocess_batch, model_label: str, data_label: str
 
 
 def _body(rest):
-    from dtf import versions
+    from dtf.base import versions
 
     versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from absl import flags
 
-    from dtf import inference, prediction_files, train
-    from dtf import strategy as strategy_lib
-    from dtf import progress as progress_lib
-    from dtf.config import Config
-    from dtf.logs import get_logger
+    from dtf.config.config import Config
+    from dtf.distribute import strategy as strategy_lib
+    from dtf.experiment import progress as progress_lib, train
+    from dtf.inference import prediction_files, predictor as inference
 
-    log = get_logger("dtf.predict")
     FLAGS = flags.FLAGS
     if _taken_from_run[0]:
         log.info(f"the run's data: {_taken_from_run[0]}")

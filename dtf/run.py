@@ -18,7 +18,7 @@ def _define(argv):
     """Defines the flags; an evaluator (--mode=evaluate_continuously) first gets its run's data flags into `argv`."""
     from absl import flags
 
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     if dtf_flags.arg_value(argv[1:], "mode") == "evaluate_continuously":
         argv[:], _ = dtf_flags.with_run_data_flags(argv, RUN_DATA_FLAGS)
@@ -37,16 +37,15 @@ def _define(argv):
                            "training run after this many seconds; once a run is there, it waits as long as training "
                            "lasts.", lower_bound=0, module_name="dtf: evaluator")
     _fence_data_service(argv)
-    dtf_flags.define_task_flags(argv)
+    cli.define_task_flags(argv)
 
 
 def _fence_data_service(argv):
-    """--data_service=local:N: fence its servers (dtf.data_service.fence) before anything, a --task module included,
+    """--data_service=local:N: fence its servers (dtf.cluster.data_service.fence) before anything, a --task module included,
     starts TensorFlow's threads: a namespace change leaves running threads outside."""
-    from dtf import cluster as cluster_lib
-    from dtf import data_service
-    from dtf.errors import UserError
-    from dtf.flags import arg_value
+    from dtf.base.errors import UserError
+    from dtf.cluster import data_service, tf_config as cluster_lib
+    from dtf.config.flags import arg_value
 
     try:
         multi_worker = cluster_lib.parse_tf_config().is_multi_worker
@@ -61,19 +60,19 @@ def _fence_data_service(argv):
 def _body(rest):
     from absl import flags
 
-    from dtf import flags as dtf_flags
-    from dtf import versions
+    from dtf.base import versions
+    from dtf.config import flags as dtf_flags
 
     config = dtf_flags.config_from_flags()  # the flags' own checks first: instant, before TensorFlow loads
     versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
-    from dtf import cluster as cluster_lib
-    from dtf.errors import UserError
-    from dtf.summaries import EPOCH_SCALARS
-    from dtf.train import run_experiment
+    from dtf.base.errors import UserError
+    from dtf.cluster import tf_config as cluster_lib
+    from dtf.experiment.summaries import EPOCH_SCALARS
+    from dtf.experiment.train import run_experiment
 
     if flags.FLAGS.mode == "evaluate_continuously" or cluster_lib.parse_tf_config().task_type == "evaluator":
-        from dtf import evaluator
-        from dtf.objectives import objective_direction
+        from dtf.experiment import evaluator
+        from dtf.tuning.objectives import objective_direction
 
         metric = flags.FLAGS.best_metric or "loss"
         try:

@@ -11,14 +11,14 @@ Takes every `dtf.run` flag plus a search space:
   --task=package.module:Attr             tune your own task (its flags work here as in dtf.run)
 
 A trial's Config is `config_from_flags(**trial_values)` — the same code path as `dtf.run` — and it trains with
-`dtf.train.Experiment` under the strategy created once from the flags, so the batch is sharded per replica and the
+`dtf.experiment.train.Experiment` under the strategy created once from the flags, so the batch is sharded per replica and the
 peak LR scaled by dtf's rule. A trial that diverges is recorded as failed and the sweep goes on. Rerunning the same
 command resumes the sweep (finished trials are kept). Outputs in --tune_dir: results.csv, best.flags (train it with
 `python -m dtf.run --flagfile=TUNE_DIR/best.flags`), objective_vs_batch.png, TensorBoard logs in tb/<trial_id>
 (with HParams), and keras-tuner's own state in sweep/. Hyperband: a promoted trial continues its parent's weights and
 optimizer state (trials/<id>/hyperband_state.weights.h5) and trains only the epochs its rung adds.
 
-Distributed: `--num_tuners=N` starts, with `dtf.procs`, one chief process (keras-tuner's oracle, served over gRPC on
+Distributed: `--num_tuners=N` starts, with `dtf.cluster.procs`, one chief process (keras-tuner's oracle, served over gRPC on
 127.0.0.1; it never trains) plus N tuner workers (tuner0..tuner{N-1}) that ask it for trials and train them with
 whatever --strategy the flags say; each runs this same command line with KERASTUNER_TUNER_ID/_ORACLE_IP/_ORACLE_PORT
 set and no TF_CONFIG. Output is prefixed [chief]/[tuner0]/...; if one fails all are stopped (non-zero exit). Only
@@ -30,15 +30,16 @@ import csv
 import json
 import math
 import os
-import sys
 import signal
+import sys
 import time
 from typing import Dict, List, Optional
 
 from dtf import cli
-from dtf import data_service
-from dtf.objectives import MAXIMIZED_WORDS, MINIMIZED_WORDS, objective_direction
-from dtf import tune_distributed as distributed
+from dtf.base import errors
+from dtf.cluster import data_service
+from dtf.tuning import distributed
+from dtf.tuning.objectives import MAXIMIZED_WORDS, MINIMIZED_WORDS, objective_direction
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 PROJECT = "sweep"
@@ -59,7 +60,7 @@ RESULT_COLUMNS = ["trial", "global_batch_size", "base_lr", "warmup_epochs", "lr_
 def _define(argv):
     from absl import flags
 
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     dtf_flags.define_flags()
     module = "dtf: tuning"
@@ -79,14 +80,14 @@ def _define(argv):
     flags.DEFINE_integer("num_tuners", 0, "Distributed tuning on this host: a chief (oracle) process plus this many "
                          "tuner-worker processes on 127.0.0.1. 0: one process. Ignored when KERASTUNER_TUNER_ID is "
                          "set (the process runs as that role).", **kw)
-    dtf_flags.define_task_flags(argv)  # last: a task flag that clashes with any of dtf's is reported as such
+    cli.define_task_flags(argv)  # last: a task flag that clashes with any of dtf's is reported as such
 
 
 # ----------------------------------------------------------------------------------------------------------- space
 
 
 def _parse_list(flag: str, values, kind) -> Optional[list]:
-    from dtf.errors import UserError
+    from dtf.base.errors import UserError
 
     if values is None:
         return None
@@ -104,7 +105,7 @@ def _parse_list(flag: str, values, kind) -> Optional[list]:
 
 def parse_space(flag_values) -> Dict[str, dict]:
     """{Config field: {"values": [...]} or {"min":, "max":, "log":}} from the --tune_* flags (validated shapes)."""
-    from dtf.errors import UserError
+    from dtf.base.errors import UserError
 
     space = {}
     for flag in ("tune_global_batch_sizes", "tune_warmup_epochs", "tune_lr_scaling"):
@@ -149,8 +150,8 @@ def validate_space(space: dict, base_config, num_replicas: int, tuner: str, max_
     """Fail with one line before any trial runs: every corner of the space must make a valid Config and plan."""
     import itertools
 
-    from dtf import scaling
-    from dtf.errors import UserError
+    from dtf.base.errors import UserError
+    from dtf.config.batch_plan import BatchPlan
 
     if tuner not in TUNERS:
         raise UserError(f"--tuner={tuner!r} is not valid; choose one of: {', '.join(TUNERS)}")
@@ -180,7 +181,7 @@ def validate_space(space: dict, base_config, num_replicas: int, tuner: str, max_
                     message = message.replace(f"--{field}=", f"--{flag}: ")
             raise UserError(f"search space point {overrides}: {message}") from None
         if config.global_batch_size:
-            scaling.BatchPlan.create(num_replicas, global_batch_size=config.global_batch_size)
+            BatchPlan.create(num_replicas, global_batch_size=config.global_batch_size)
 
 
 def reported_metrics(exp) -> List[str]:
@@ -197,9 +198,9 @@ def reported_metrics(exp) -> List[str]:
 def check_against_data(space: dict, config, strategy, cluster, task, objective: str):
     """Fail with one line before any trial trains or anything is written: each global batch of the space against
     the task's data (dtf.run's checks), and --objective against the metrics the task's model reports."""
-    from dtf import train
-    from dtf.errors import UserError
-    from dtf.summaries import EPOCH_SCALARS
+    from dtf.base.errors import UserError
+    from dtf.experiment import train
+    from dtf.experiment.summaries import EPOCH_SCALARS
 
     exp = None
     for batch in space.get("global_batch_size", {}).get("values") or [None]:
@@ -238,11 +239,9 @@ def _make_hypermodel_class():
     import keras_tuner as kt
     import tensorflow as tf
 
-    from dtf import atomic
-
-    from dtf import flags as dtf_flags
-    from dtf import progress, train
-    from dtf.summaries import EPOCH_SCALARS, write_run_metadata
+    from dtf.config import flags as dtf_flags
+    from dtf.experiment import atomic, progress, train
+    from dtf.experiment.summaries import EPOCH_SCALARS, write_run_metadata
 
     class DtfHyperModel(kt.HyperModel):
         """build(hp) = the trial's Config + Experiment → exp.build_model(); fit = exp.fit with dtf's callbacks."""
@@ -370,13 +369,13 @@ def _make_hypermodel_class():
     return DtfHyperModel, ObjectiveNotReported
 
 
-# tune_dir I/O goes through tf.io.gfile (any TensorFlow filesystem) and dtf.atomic (readers never see half a file).
+# tune_dir I/O goes through tf.io.gfile (any TensorFlow filesystem) and dtf.experiment.atomic (readers never see half a file).
 
 
 def _write_info(tune_dir, trial_id, info):
     import tensorflow as tf
 
-    from dtf import atomic
+    from dtf.experiment import atomic
 
     path = os.path.join(tune_dir, TRIALS_DIR)
     tf.io.gfile.makedirs(path)
@@ -448,7 +447,7 @@ def make_tuner(name, hypermodel, objective, direction, max_trials, executions_pe
 
 
 def collect_results(tuner, tune_dir: str, config) -> List[dict]:
-    from dtf import scaling
+    from dtf.optim import scaling
 
     rows = []
     for trial_id, trial in sorted(tuner.oracle.trials.items(), key=lambda kv: (len(kv[0]), kv[0])):
@@ -477,7 +476,7 @@ def write_results(rows: List[dict], tune_dir: str) -> bool:
 
     import tensorflow as tf
 
-    from dtf import atomic
+    from dtf.experiment import atomic
 
     text = io.StringIO()
     w = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
@@ -515,7 +514,7 @@ def best_row(rows: List[dict], direction: str) -> Optional[dict]:
 
 
 def write_best_flags(best: dict, tune_dir: str, config) -> str:
-    from dtf import atomic
+    from dtf.experiment import atomic
 
     overrides = dict(global_batch_size=int(best["global_batch_size"]), per_replica_batch_size=None,
                      base_lr=float(best["base_lr"]), warmup_epochs=float(best["warmup_epochs"]),
@@ -534,7 +533,7 @@ def plot(rows: List[dict], tune_dir: str, objective: str) -> Optional[str]:
     import matplotlib
     import tensorflow as tf
 
-    from dtf import atomic
+    from dtf.experiment import atomic
 
     matplotlib.use("Agg")
     import matplotlib.colors as mcolors
@@ -561,11 +560,10 @@ def plot(rows: List[dict], tune_dir: str, objective: str) -> Optional[str]:
 
 
 def _check_signature(tune_dir: str, signature: dict, write: bool):
-    from dtf.errors import UserError
-
     import tensorflow as tf
 
-    from dtf import atomic
+    from dtf.base.errors import UserError
+    from dtf.experiment import atomic
 
     sig_path = os.path.join(tune_dir, SPACE_FILE)
     if tf.io.gfile.exists(sig_path):
@@ -583,9 +581,9 @@ _ARGV: List[str] = []
 
 
 def _body(rest):
-    from dtf.errors import UserError
-
     from absl import flags
+
+    from dtf.base.errors import UserError
 
     FLAGS = flags.FLAGS
     space = parse_space(FLAGS)
@@ -597,21 +595,20 @@ def _body(rest):
     if FLAGS.num_tuners < 0:
         raise UserError(f"--num_tuners={FLAGS.num_tuners} must be >= 0")
     if FLAGS.num_tuners and role is None:
-        from dtf import procs
+        from dtf.cluster import procs
 
         procs.raise_stopped_on_signals()
         try:
             return distributed.launch(_ARGV, FLAGS.num_tuners)
-        except procs.Stopped as stop:
+        except errors.Stopped as stop:
             print(f"dtf.tune: got {signal.Signals(stop.signum).name}; stopped all processes", file=sys.stderr)
             return 128 + stop.signum
 
-    from dtf import versions
+    from dtf.base import versions
 
     versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
-    from dtf import flags as dtf_flags
-    from dtf import task as task_lib
-    from dtf import train
+    from dtf.config import flags as dtf_flags
+    from dtf.experiment import task as task_lib, train
 
     config = dtf_flags.config_from_flags()
     tune_dir = FLAGS.tune_dir

@@ -1,4 +1,4 @@
-"""Shared test helpers. Multi-worker tests run real worker processes on 127.0.0.1 via `dtf.procs`."""
+"""Shared test helpers. Multi-worker tests run real worker processes on 127.0.0.1 via `dtf.cluster.procs`."""
 import os
 import sys
 import textwrap
@@ -45,7 +45,7 @@ def run_python(tmp_path):
 def run_workers(tmp_path):
     """run_workers(code, num_workers, timeout_s=...) -> GroupResult. The script gets OUT (a per-test directory) and
     TASK (its worker index) as globals; it fails the test if any worker fails or times out."""
-    from dtf import procs
+    from dtf.cluster import procs
 
     def run(code: str, num_workers: int, timeout_s: float = WORKER_TIMEOUT_S, env=None, expect_ok=True):
         script = _script(tmp_path, code)

@@ -41,7 +41,7 @@ SUBSTITUTIONS = [
     ("...", "--flagfile=experiments/shapes_multi_worker.flags", "any experiment: here the multi-worker one"),
     ("exp.flags", "experiments/shapes_multi_worker.flags", "your flagfile"),
     ("runs/x", "runs/shapes_multi_worker", "a trained run: the multi-worker one"),
-    ("grpc://dispatcher.example:5050", "{service}", "a running tf.data service: dtf.data_service.local(1)"),
+    ("grpc://dispatcher.example:5050", "{service}", "a running tf.data service: dtf.cluster.data_service.local(1)"),
 ]
 CHECK = f"python {os.path.join('tests', 'docs_harness.py')}"  # in the copy: this file, as a command-line checker
 # (regex on one `&&` part, replacement or None to drop it, why)
@@ -286,7 +286,7 @@ def run_step(step: Step, copy: str, env: Dict[str, str], assignments: List[str])
         assignments.append(step.command)
     start = time.monotonic()
     if step.service:
-        from dtf import data_service
+        from dtf.cluster import data_service
 
         with data_service.local(1) as service:
             status, output = _shell(command.replace("{service}", service.target), copy, env)

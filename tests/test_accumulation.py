@@ -1,4 +1,4 @@
-"""dtf's gradient accumulation (dtf.accumulation) equals one device at the effective batch, under one_device,
+"""dtf's gradient accumulation (dtf.optim.accumulation) equals one device at the effective batch, under one_device,
 mirrored × 4 (in process) and 2 real workers, with SGD+momentum and Adam and a warmup + cosine schedule that counts
 optimizer updates. Equivalence is checked over 10 updates (the equivalence horizon: design.md)."""
 import json
@@ -11,7 +11,8 @@ import equiv_common as eq
 import keras
 import tensorflow as tf
 
-from dtf import accumulation, scaling
+from dtf.optim import accumulation
+from dtf.optim import scaling
 
 EFFECTIVE_BATCH, UPDATES, TOL = 64, 10, 1e-5
 PEAK_LR = {"sgd": 0.1, "adam": 0.01}
@@ -132,7 +133,8 @@ def test_interrupted_accumulation_resumes_exactly_on_mirrored(mirrored4, tmp_pat
 
 
 def test_experiment_schedule_counts_updates(tmp_path):
-    from dtf import config as config_lib, train
+    from dtf.config import config as config_lib
+    from dtf.experiment import train
 
     config = config_lib.Config(dataset="synthetic", model="mlp", strategy="one_device", global_batch_size=32,
                                steps_per_epoch=8, epochs=3, warmup_epochs=1, lr_schedule="constant",

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dtf import atomic, callbacks
-from dtf.errors import UserError
+from dtf.experiment import atomic
+from dtf.experiment import callbacks
+from dtf.base.errors import UserError
 
 
 class Crash(Exception):
@@ -195,7 +196,7 @@ SAVER = """
 import sys
 import numpy as np
 import keras
-from dtf import callbacks
+from dtf.experiment import callbacks
 callback = callbacks.BackupAndRestore(sys.argv[1])
 model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
 model.compile(keras.optimizers.SGD(0.1), "mse")

@@ -459,10 +459,11 @@ def test_bad_input(case, results):
 
 
 def test_a_refused_write_names_its_path(tmp_path):
-    import tensorflow as tf  # noqa: F401  (dtf.atomic needs it)
+    import tensorflow as tf  # noqa: F401  (dtf.experiment.atomic needs it)
 
-    from dtf import atomic, callbacks
-    from dtf.errors import WriteFailed
+    from dtf.experiment import atomic
+    from dtf.experiment import callbacks
+    from dtf.base.errors import WriteFailed
 
     (tmp_path / "f").write_text("a file where a directory should be")
     target = str(tmp_path / "f" / "run" / "summary.json")
@@ -475,7 +476,7 @@ def test_a_refused_write_names_its_path(tmp_path):
 
 
 def test_the_write_check_leaves_nothing_behind(tmp_path):
-    from dtf import atomic
+    from dtf.experiment import atomic
 
     assert atomic.unwritable(str(tmp_path / "a" / "b" / "c")) is None
     (tmp_path / "f").write_text("x")

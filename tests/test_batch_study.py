@@ -51,7 +51,7 @@ def test_first_reaching():
     ((["32"], ["none"], 2.0), "--target_accuracy=2.0 must be in (0, 1]"),
 ])
 def test_bad_input_names_the_flag(args, words):
-    from dtf import config as config_lib
+    from dtf.config import config as config_lib
 
     with pytest.raises(dtf.UserError, match=re.escape(words)):
         batch_study._check(config_lib.Config(), *args)
@@ -72,7 +72,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 ])
 def test_the_whole_grid_is_checked_before_any_run(mirrored4, tmp_path, batches, words):
     """A bad batch late in the ladder stops the study before its first run trains or writes anything."""
-    from dtf import config as config_lib
+    from dtf.config import config as config_lib
 
     config = config_lib.Config(dataset="digits", model="mlp", epochs=1)
     with pytest.raises(dtf.UserError) as e:

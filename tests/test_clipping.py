@@ -1,4 +1,4 @@
-"""Clipping under data parallelism: dtf clips the all-reduced gradient (`dtf.accumulation`), so with a clip that binds
+"""Clipping under data parallelism: dtf clips the all-reduced gradient (`dtf.optim.accumulation`), so with a clip that binds
 mirrored × 4 trains as one device does at the same global batch. Keras alone clips each replica's share before the
 all-reduce, which the last test shows gives different weights. Equivalence is checked over 8 updates (the equivalence
 horizon: design.md)."""
@@ -8,7 +8,8 @@ import dtf
 import equiv_common as eq
 import keras
 
-from dtf import accumulation, scaling
+from dtf.optim import accumulation
+from dtf.optim import scaling
 
 BATCH, UPDATES, TOL = 48, 8, 1e-5
 CLIPS = {"global_clipnorm": 0.05, "clipnorm": 0.02, "clipvalue": 0.005}  # all far below the gradients' sizes
@@ -71,7 +72,8 @@ def test_clip_round_trips_through_the_config():
 @pytest.mark.parametrize("clip", sorted(CLIPS))
 def test_each_clip_flag_reaches_the_experiments_optimizer(one_device, clip, tmp_path):
     """--clipnorm, --global_clipnorm and --clipvalue are Config fields (so flags) that the Experiment passes on."""
-    from dtf import config as config_lib, train
+    from dtf.config import config as config_lib
+    from dtf.experiment import train
 
     config = config_lib.Config(dataset="synthetic", model="mlp", strategy="one_device", global_batch_size=32,
                                steps_per_epoch=2, epochs=1, model_dir=str(tmp_path), **{clip: CLIPS[clip]})

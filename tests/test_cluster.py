@@ -4,8 +4,8 @@ import socket
 
 import pytest
 
-from dtf import cluster
-from dtf.errors import UserError
+from dtf.cluster import tf_config as cluster
+from dtf.base.errors import UserError
 
 
 def cfg(cluster_spec, task=None, **extra):

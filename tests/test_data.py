@@ -1,4 +1,4 @@
-"""dtf.data: sharding touches every example exactly once, the order is a function of (seed, epoch), evaluation keeps
+"""dtf.distribute.inputs: sharding touches every example exactly once, the order is a function of (seed, epoch), evaluation keeps
 every example, and batch-size mistakes are one-line UserErrors.
 
 In-process tests stand in a `PipelineStrategy` for a strategy with several input pipelines. The real checks run one
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dtf import data, datasets
-from dtf.errors import UserError
+from dtf import datasets
+from dtf.distribute import inputs as data
+from dtf.base.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_IDS = 96  # 8 TFRecord files of 12
@@ -261,7 +262,7 @@ strategy = dtf.create_strategy("multi_worker" if os.environ.get("TF_CONFIG") els
                                num_cpu_devices=None if os.environ.get("TF_CONFIG") else 4)
 import keras
 import tensorflow as tf
-from dtf import data
+from dtf.distribute import inputs as data
 sys.path.insert(0, os.environ["PROBE_TESTS"])
 from test_data import EVAL_RECORDS, GLOBAL_BATCH, SHAPES_BATCH, WEIGHTS, parse_id, with_id
 

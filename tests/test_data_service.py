@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dtf import cluster, data, data_service
-from dtf.errors import UserError
+from dtf.cluster import tf_config as cluster
+from dtf.distribute import inputs as data
+from dtf.cluster import data_service
+from dtf.config import specs
+from dtf.base.errors import UserError
 from test_data import GLOBAL_BATCH, TRAIN_IDS, PipelineStrategy, id_files, parse_id, with_id  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,9 +50,9 @@ def replica_ids(strategy, dataset, steps):
 def test_bad_and_unreachable_specs_are_one_line_errors():
     for bad in ("foo", "local:0", "grpc://host", "grpc://h:99999", "http://h:1"):
         with pytest.raises(UserError, match=r"^--data_service=.* is not a tf.data service; write grpc://HOST:PORT"):
-            data_service.parse(bad)
-    assert data_service.parse("local:3") == data_service.Spec(local_workers=3)
-    assert data_service.parse("grpc://10.0.0.1:5050") == data_service.Spec(address="10.0.0.1:5050")
+            specs.parse_data_service(bad)
+    assert specs.parse_data_service("local:3") == specs.DataServiceSpec(local_workers=3)
+    assert specs.parse_data_service("grpc://10.0.0.1:5050") == specs.DataServiceSpec(address="10.0.0.1:5050")
     port = cluster.free_ports(1)[0]
     with pytest.raises(UserError, match=f"--data_service=grpc://127.0.0.1:{port}: nothing answers"):
         with data_service.running(f"grpc://127.0.0.1:{port}"):
@@ -58,7 +61,7 @@ def test_bad_and_unreachable_specs_are_one_line_errors():
 
 def test_no_fence_where_the_run_needs_the_network_and_the_warning_says_why(monkeypatch, capfd):
     """(The fenced case, from the OS: tests/test_exposure.py.)"""
-    from dtf import netns
+    from dtf.cluster import netns
 
     monkeypatch.delenv(netns.ISOLATED_ENV, raising=False)
     monkeypatch.setattr(data_service, "_unfenced", None)
@@ -98,7 +101,8 @@ PROBE = r'''
 import dtf
 strategy = dtf.create_strategy("multi_worker")
 import tensorflow as tf
-from dtf import data, data_service
+from dtf.distribute import inputs as data
+from dtf.cluster import data_service
 sys.path.insert(0, os.environ["PROBE_TESTS"])
 from test_data import GLOBAL_BATCH, parse_id
 service = data_service.Service(os.environ["SERVICE"], 2)
@@ -133,8 +137,8 @@ def test_two_workers_every_example_once_in_the_local_order(run_workers, service,
 def test_run_through_local_service_reaches_the_same_weights_and_stops_it(mirrored4, tmp_path):
     import keras
 
-    from dtf.config import Config
-    from dtf.train import run_experiment
+    from dtf.config.config import Config
+    from dtf.experiment.train import run_experiment
 
     weights, before = {}, set(children(os.getpid()))
     for name, spec in (("local", None), ("served", "local:2")):
@@ -194,9 +198,9 @@ def test_emit_slurm_starts_checks_and_stops_the_service(capsys):
     assert launch.main(["dtf.launch", "--emit=slurm", "--num_workers=2", "--data_service_workers=2", "--",
                         "python", "-m", "dtf.run"]) == 0
     script = capsys.readouterr().out
-    assert script.count("python -m dtf.data_service dispatcher") == 1
-    assert "for i in $(seq 2); do" in script and "python -m dtf.data_service worker" in script
-    assert "python -m dtf.data_service wait" in script and "kill $(jobs -p)" in script
+    assert script.count("python -m dtf.cluster.data_service dispatcher") == 1
+    assert "for i in $(seq 2); do" in script and "python -m dtf.cluster.data_service worker" in script
+    assert "python -m dtf.cluster.data_service wait" in script and "kill $(jobs -p)" in script
     assert 'python -m dtf.run "--data_service=grpc://$ds_host:$ds_port" 2>&1' in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 

@@ -11,9 +11,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dtf import data, datasets
+from dtf import datasets
+from dtf.distribute import inputs as data
 from dtf.datasets import digits, shapes, synthetic
-from dtf.errors import UserError
+from dtf.base.errors import UserError
 from test_data import PipelineStrategy
 
 

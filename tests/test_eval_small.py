@@ -1,13 +1,13 @@
 """Evaluation of a split smaller than one global batch under mirrored × 4: some replicas get empty batches. Keras's
 symbolic build reduced the first batch across replicas and crashed on the unequal shapes (an AddN error); dtf builds
-from the first local batch (`dtf.keras_compat`). Results must equal one-device evaluation."""
+from the first local batch (`dtf.upstream.keras`). Results must equal one-device evaluation."""
 import pytest
 
 import dtf
 import equiv_common as eq
 import tensorflow as tf
 
-from dtf import data
+from dtf.distribute import inputs as data
 
 GLOBAL_BATCH = 512  # 128 per replica: more than the split below holds
 TOL = 1e-5

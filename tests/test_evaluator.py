@@ -82,7 +82,7 @@ def test_evaluator_beside_two_workers_scores_every_checkpoint_once(tmp_path):
 
 
 def test_launch_gives_the_evaluator_its_own_task_in_every_tf_config():
-    from dtf import cluster as cluster_lib
+    from dtf.cluster import tf_config as cluster_lib
     from dtf import launch
 
     configs = launch.tf_configs(["127.0.0.1:1", "127.0.0.1:2"], "127.0.0.1:3")
@@ -119,8 +119,9 @@ def test_bad_evaluator_command_is_one_line_exit_2(capsys, value, words):
 def test_finished_run_is_scored_once_and_a_restart_scores_nothing_again(tmp_path):
     """`--mode=evaluate_continuously` on a run that already ended: it scores its checkpoints and returns; run again,
     it finds them in eval_results.json and writes nothing new."""
-    from dtf import evaluator, train
-    from dtf.config import Config
+    from dtf.experiment import evaluator
+    from dtf.experiment import train
+    from dtf.config.config import Config
 
     config = Config(task=f"{os.path.abspath(tasks_for_tests.__file__)}:Regression", epochs=2, checkpoint_every=1,
                     global_batch_size=32, base_lr=0.05, lr_scaling="none", model_dir=str(tmp_path), strategy="default")
@@ -156,8 +157,9 @@ def test_evaluator_with_only_model_dir_reads_the_run(tmp_path):
 
     from absl import flags
 
-    from dtf import evaluator, train
-    from dtf.config import Config
+    from dtf.experiment import evaluator
+    from dtf.experiment import train
+    from dtf.config.config import Config
 
     run, other = tmp_path / "run", tmp_path / "other"
     config = Config(task=f"{os.path.abspath(tasks_for_tests.__file__)}:Regression", task_flags=("--test_loss=mean",),

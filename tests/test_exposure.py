@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dtf import netns
+from dtf.cluster import netns
 from test_launch import Launcher
 
 WORKER = """

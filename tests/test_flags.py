@@ -8,10 +8,11 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from dtf import cli, exitcodes, run
-from dtf import config as config_lib
-from dtf import flags as dtf_flags
-from dtf.errors import UserError
+from dtf import cli, run
+from dtf.base import exitcodes
+from dtf.config import config as config_lib
+from dtf.config import flags as dtf_flags
+from dtf.base.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

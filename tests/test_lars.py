@@ -1,12 +1,14 @@
-"""LARS (dtf.lars): the update rule against a NumPy reference, serialization, and large-batch training on `shapes`."""
+"""LARS (dtf.optim.lars): the update rule against a NumPy reference, serialization, and large-batch training on `shapes`."""
 import numpy as np
 import pytest
 
 import dtf
 import keras
 
-from dtf import config as config_lib
-from dtf import lars, scaling, train
+from dtf.config import config as config_lib
+from dtf.optim import lars
+from dtf.optim import scaling
+from dtf.experiment import train
 
 LR, MOMENTUM, ETA, WD, STEPS = 0.5, 0.9, 0.01, 1e-3, 5
 

@@ -18,9 +18,9 @@ import numpy as np
 import psutil
 import pytest
 
-from dtf import cluster as cluster_lib
+from dtf.cluster import tf_config as cluster_lib
 from dtf import launch
-from dtf import procs
+from dtf.cluster import procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PID_LINE = re.compile(r"launch: (chief|worker \d+) pid (\d+) \((127\.0\.0\.1:\d+)\)")
@@ -396,7 +396,7 @@ JOB = """
 import json, os, sys, time
 import numpy as np, keras
 import dtf, equiv_common as eq
-from dtf import callbacks as cb
+from dtf.experiment import callbacks as cb
 OUT = sys.argv[1]
 TASK = dtf.parse_tf_config().task_index
 RESTART = int(os.environ["DTF_LAUNCH_RESTART"])

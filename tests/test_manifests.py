@@ -15,8 +15,12 @@ import yaml
 from absl import flags as absl_flags
 
 from dtf import launch
-from dtf import cluster, manifests, slurm, slurm_task
-from dtf.errors import UserError
+from dtf.cluster import tf_config as cluster
+from dtf.backends import tfjob as manifests
+from dtf.backends import slurm
+from dtf.backends import slurm_task
+from dtf.base import errors
+from dtf.base.errors import UserError
 
 
 
@@ -44,7 +48,7 @@ def test_tfjob_has_a_chief_and_workers_in_the_tensorflow_container(capsys, api):
     specs = doc["spec"]["tfReplicaSpecs"]
     assert {k: v["replicas"] for k, v in specs.items()} == {"Chief": 1, "Worker": 2}
     for spec in specs.values():
-        assert spec["restartPolicy"] == "ExitCode"  # 143 retried, 2 and 3 never (dtf.exitcodes)
+        assert spec["restartPolicy"] == "ExitCode"  # 143 retried, 2 and 3 never (dtf.base.exitcodes)
         [container] = spec["template"]["spec"]["containers"]
         assert container == {"name": "tensorflow", "image": "reg.example/dtf:0.1", "command": RUN}
     assert doc["spec"]["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 2, "activeDeadlineSeconds": 3600}
@@ -144,7 +148,7 @@ def test_emit_slurm_runs_the_evaluator_as_its_own_step(capsys):
     assert launch.main(["dtf.launch", "--num_workers=2", "--emit=slurm", "--evaluator=python e.py 'a b'", "--",
                         "python", "train.py"]) == 0
     script = capsys.readouterr().out
-    assert "srun --nodes=1 --ntasks=1 --overlap python -m dtf.slurm_task --evaluator -- python e.py 'a b'" in script
+    assert "srun --nodes=1 --ntasks=1 --overlap python -m dtf.backends.slurm_task --evaluator -- python e.py 'a b'" in script
     assert '  wait "$evaluator" && exit 0' in script and "    0) break ;;" in script
 
 
@@ -181,7 +185,7 @@ def test_sbatch_layout_resources_and_labelled_tasks(capsys, tmp_path):
     assert '2>&1 | tee "$steplog"' in script  # the step's output, read for the first failure
     assert srun[:6] == ["srun", "--nodes=2", "--ntasks-per-node=4", "--label", "--kill-on-bad-exit=1",
                         "--gpu-bind=per_task:1"]  # 4 GPUs shared by 4 tasks: one each
-    assert srun[6:] == ["python", "-m", "dtf.slurm_task", "--", *RUN]  # the command unchanged
+    assert srun[6:] == ["python", "-m", "dtf.backends.slurm_task", "--", *RUN]  # the command unchanged
     assert "max_restarts=2" in lines
 
 
@@ -242,8 +246,8 @@ SLURM_JOB_ID=77 SLURM_PROCID=1 SLURM_STEP_NODELIST='node[9-10]' SLURM_STEP_TASKS
 # exited 143: the highest status, 143. Each task's own line names the first failure.
 FAKE_SRUN_DIVERGED = """#!/bin/bash
 echo "srun start $DTF_LAUNCH_RESTART"
-echo " 1: dtf.slurm_task: exited with status 3" >&2
-echo " 0: dtf.slurm_task: exited with status 143" >&2
+echo " 1: dtf.backends.slurm_task: exited with status 3" >&2
+echo " 0: dtf.backends.slurm_task: exited with status 143" >&2
 exit 143
 """
 FAKE_SCONTROL = """#!/bin/bash
@@ -298,7 +302,7 @@ def test_sbatch_takes_the_status_of_the_task_that_failed_first(tmp_path):
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[0] == "srun start 0" and "scontrol" not in proc.stdout
     assert "step exited with status 3 (user error or diverged); not rerunning" in proc.stderr
-    assert " 1: dtf.slurm_task: exited with status 3" in proc.stdout  # the step's output reached the job log
+    assert " 1: dtf.backends.slurm_task: exited with status 3" in proc.stdout  # the step's output reached the job log
 
 
 def test_sbatch_gives_up_after_max_restarts(tmp_path):
@@ -314,7 +318,7 @@ def test_sbatch_requeues_a_preempted_job_or_reruns_it_uncounted(tmp_path):
     proc = _run_script(tmp_path, ["python", "-c", "print('done')"], [143, 143], max_restarts=0, requeue_status=1)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("scontrol requeue 77") == 2
-    assert proc.stdout.splitlines()[-2:] == ["done", "dtf.slurm_task: exited with status 0"]
+    assert proc.stdout.splitlines()[-2:] == ["done", "dtf.backends.slurm_task: exited with status 0"]
     assert proc.stderr.count("requeue failed; rerunning the step here (not counted as a restart)") == 2
 
 
@@ -378,10 +382,10 @@ def test_slurm_task_errors_are_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = REPO
     for args in (["--", "true"], []):
-        proc = subprocess.run([sys.executable, "-m", "dtf.slurm_task", *args], env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "dtf.backends.slurm_task", *args], env=env, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 2
-        assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("dtf.slurm_task: error: ")
+        assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("dtf.backends.slurm_task: error: ")
 
 
 def test_slurm_task_reports_a_taken_port_by_number():
@@ -391,7 +395,7 @@ def test_slurm_task_reports_a_taken_port_by_number():
         port = holder.getsockname()[1]
         env = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "localhost",
                "SLURM_STEP_TASKS_PER_NODE": "1", "DTF_SLURM_PORT": str(port)}
-        with pytest.raises(slurm_task.PortTaken) as taken:
+        with pytest.raises(errors.PortTaken) as taken:
             slurm_task.task_tf_config(env)
     assert str(taken.value).startswith(f"port {port} on localhost (task 0 of job 9) is already in use")
     assert taken.value.exit_status == 1  # a crash: the script reruns the step on other ports
@@ -420,9 +424,10 @@ def test_ray_backend_without_ray_says_how_to_install(capsys, monkeypatch):
 
 
 def test_ray_fit_runs_a_config_as_the_same_dtf_run_flags():
-    """dtf.ray.fit(Config) runs `dtf.run` with the Config's flags: parsing them back gives the same Config."""
-    from dtf import config as config_lib, flags as dtf_flags
-    from dtf import ray as dtf_ray
+    """dtf.backends.ray.fit(Config) runs `dtf.run` with the Config's flags: parsing them back gives the same Config."""
+    from dtf.config import config as config_lib
+    from dtf.config import flags as dtf_flags
+    from dtf.backends import ray as dtf_ray
 
     config = config_lib.Config(dataset="synthetic", model="mlp", epochs=3, global_batch_size=32,
                                input_sharding="batch", model_dir="/shared/run1")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 FEATURES = """
 import numpy as np, tensorflow as tf, keras
 import dtf, equiv_common as eq
-from dtf import callbacks as cb
+from dtf.experiment import callbacks as cb
 strategy = dtf.create_strategy()
 x, y = eq.data()
 model = eq.compiled_model(strategy, "adam")
@@ -61,7 +61,7 @@ def test_fit_validate_evaluate_predict_save(run_workers, tmp_path):
 RESUME = """
 import numpy as np, keras
 import dtf, equiv_common as eq
-from dtf import callbacks as cb
+from dtf.experiment import callbacks as cb
 KILL_AT = int(os.environ.get("KILL_AT_EPOCH", "-1"))
 
 class Crash(keras.callbacks.Callback):
@@ -133,7 +133,7 @@ except Exception as e:
 
 
 def test_keras_still_needs_the_compat_fix(run_workers):
-    """Documents why dtf.keras_compat exists: stock Keras fit fails under multi-worker. When this test fails,
+    """Documents why dtf.upstream.keras exists: stock Keras fit fails under multi-worker. When this test fails,
     Keras has fixed keras-team/keras#20585 and the module can be deleted (see BUILD_NOTES.md)."""
     result = run_workers(UNPATCHED, 2)
     assert all("UNPATCHED_FIT_FAILED" in w.output for w in result.workers), result.report()

@@ -1,4 +1,4 @@
-"""The gradient noise scale (dtf.noise_scale) on linear regression with Gaussian noise, where it is known in closed
+"""The gradient noise scale (dtf.optim.noise_scale) on linear regression with Gaussian noise, where it is known in closed
 form; and `--measure_noise_scale` end to end (summary.json, TensorBoard, the one-replica error).
 
 Problem: x ~ N(0, I_d), y = x·w* + ε with ε ~ N(0, σ²), loss (x·w − y)², weights held at w = w* + δ (LR 0). The
@@ -17,7 +17,9 @@ import dtf
 import keras
 import tensorflow as tf
 
-from dtf import accumulation, noise_scale, scaling
+from dtf.optim import accumulation
+from dtf.optim import noise_scale
+from dtf.optim import scaling
 from keras import ops
 
 D, SIGMA2, GLOBAL_BATCH = 4, 1.0, 32
@@ -115,7 +117,8 @@ def test_cli_rejects_noise_scale_on_one_replica(tmp_path):
 
 
 def test_run_logs_the_noise_scale(tmp_path, mirrored4):
-    from dtf import config as config_lib, train
+    from dtf.config import config as config_lib
+    from dtf.experiment import train
 
     config = config_lib.Config(dataset="synthetic", model="mlp", strategy="mirrored", num_cpu_devices=4,
                                global_batch_size=64, epochs=2, steps_per_epoch=6, measure_noise_scale=True,

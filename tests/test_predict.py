@@ -14,9 +14,11 @@ import tensorflow as tf
 
 import dtf
 import tasks_for_predict
-from dtf import inference, predict, prediction_files
-from dtf import task as task_lib
-from dtf.errors import UserError
+from dtf import predict
+from dtf.inference import predictor as inference
+from dtf.inference import prediction_files
+from dtf.experiment import task as task_lib
+from dtf.base.errors import UserError
 
 TOL = 1e-5
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -340,8 +342,8 @@ def test_model_dir_alone_reads_the_run_task_and_evaluation_split(tmp_path):
     """A run trained with --task: `--model_dir` alone imports that task (its custom layer loads, its inference
     preprocessing applies) and predicts its evaluation split, exactly as with --task and --split given; other data
     is one line naming --dataset, and writes nothing."""
-    from dtf import train
-    from dtf.config import Config
+    from dtf.experiment import train
+    from dtf.config.config import Config
 
     run = tmp_path / "run"
     train.run_experiment(Config(task=TASK, epochs=1, steps_per_epoch=2, global_batch_size=32, strategy="default",
@@ -370,7 +372,7 @@ def test_run_data_flags_come_from_flags_txt_unless_the_command_line_names_the_da
     other than the data's stay the command's; naming --task or --dataset takes nothing from the run."""
     from absl import flags
 
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     (tmp_path / "flags.txt").write_text("# --- task\n--task=t.py:T\n--hidden_units=64\n--nouse_bias\n# --- data\n"
                                         "--global_batch_size=32\n--strategy=mirrored\n--nodeterministic\n")
@@ -390,7 +392,7 @@ def test_run_data_flags_are_read_from_a_remote_model_dir():
     import tensorflow as tf
     from absl import flags
 
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     model_dir = "ram://dtf-test/flags-run"
     tf.io.gfile.makedirs(model_dir)

@@ -1,4 +1,4 @@
-"""Graceful preemption (dtf.preemption): SIGTERM to one worker of a 2-worker `dtf.launch` job (the chief, and
+"""Graceful preemption (dtf.experiment.preemption): SIGTERM to one worker of a 2-worker `dtf.launch` job (the chief, and
 separately worker 1) stops every worker at one agreed step, the chief backs up there, the workers exit 143 within
 the grace period, the launcher restarts them uncounted, and the job ends with the uninterrupted run's weights exactly.
 The same for one mirrored process; and the launcher's side (passing SIGTERM on, waiting for the backup) without
@@ -17,7 +17,7 @@ import pytest
 
 from test_launch import Launcher, _env, _script, launch_to_success
 
-GRACE_S = 25.0  # dtf.exitcodes.PREEMPTION_GRACE_S, the workers' default --preemption_grace_s
+GRACE_S = 25.0  # dtf.base.exitcodes.PREEMPTION_GRACE_S, the workers' default --preemption_grace_s
 STOPPED = re.compile(r"preempted: stopped at epoch (\d+), step (\d+)")
 
 

@@ -1,4 +1,4 @@
-"""dtf.progress: on a terminal a redrawn bar with steps and examples/s (of the global batch); elsewhere exactly one
+"""dtf.experiment.progress: on a terminal a redrawn bar with steps and examples/s (of the global batch); elsewhere exactly one
 line per epoch with examples/s; dtf.predict's bar over its examples ends in its summary line."""
 import io
 import re
@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from dtf import progress
+from dtf.experiment import progress
 
 
 class FakeTerminal(io.StringIO):

@@ -47,7 +47,7 @@ def netns():
         _unavailable(why)
     with LoopbackNamespace() as ns:
         yield ns
-        assert [p.pid for p in ns.processes()] == []  # dtf.ray stopped the Ray instance it started
+        assert [p.pid for p in ns.processes()] == []  # dtf.backends.ray stopped the Ray instance it started
 
 
 def _env(**extra):
@@ -118,7 +118,7 @@ RETRIES = """
 import os
 import sys
 import ray
-from dtf import ray as dtf_ray
+from dtf.backends import ray as dtf_ray
 ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
 def stub(name, statuses):  # statuses[task index][attempt], the last one repeating
     code = (f"import json, os, sys; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
@@ -140,13 +140,13 @@ def test_ray_retries_a_crash_but_not_a_user_error(netns, tmp_path):
     assert run.returncode == 0 and "STATUSES 0 2 2" in out, out[-4000:]
     assert len((tmp_path / "crash0").read_text().splitlines()) == 2  # the crash, then the restarted group
     assert [len((tmp_path / f"usage{i}").read_text().splitlines()) for i in (0, 1)] == [1, 1]  # not retried
-    assert "dtf.ray: chief exited with status 1; Ray Train restarts the group" in out
+    assert "dtf.backends.ray: chief exited with status 1; Ray Train restarts the group" in out
     lines = run.stdout.splitlines()
     for line in ("[chief] crash attempt 0", "[chief] crash attempt 1", "[worker 1] crash attempt 0",
                  "[chief] usage attempt 0", "[worker 1] usage attempt 0"):
         assert lines.count(line) == 1, out[-4000:]  # once, though Ray also forwards the actors' output here
     assert not list(tmp_path.glob("missing*"))
-    missing = [line for line in lines if line.startswith("dtf.ray: error: ")]  # both workers' node: one line
+    missing = [line for line in lines if line.startswith("dtf.backends.ray: error: ")]  # both workers' node: one line
     assert len(missing) == 1 and f"the launch directory {tmp_path}/not-shared does not exist on Ray node 127.0.0.1" \
         in missing[0], out[-4000:]
 
@@ -154,7 +154,7 @@ def test_ray_retries_a_crash_but_not_a_user_error(netns, tmp_path):
 NICENESS = """
 import os
 import sys
-from dtf import ray as dtf_ray
+from dtf.backends import ray as dtf_ray
 status = dtf_ray.fit([sys.executable, "-c", "import os; print('niceness', os.nice(0))"], 1)
 print("STATUS", status, "LEFT", os.environ.get("RAY_worker_niceness"), flush=True)
 """
@@ -162,7 +162,7 @@ print("STATUS", status, "LEFT", os.environ.get("RAY_worker_niceness"), flush=Tru
 
 def test_ray_local_instance_runs_the_command_at_normal_priority(netns, tmp_path):
     """Ray renices its workers to 15; on the instance dtf starts the command runs at 0, as with the local launcher
-    (at 15 anything else running starved it: see dtf.ray._init_local), and dtf's setting is not left behind."""
+    (at 15 anything else running starved it: see dtf.backends.ray._init_local), and dtf's setting is not left behind."""
     env = _env()
     env.pop("RAY_worker_niceness", None)
     run = _python(netns, tmp_path, NICENESS, env)

@@ -6,8 +6,9 @@ import os
 import keras
 import tensorflow as tf
 
-from dtf import config as config_lib
-from dtf import train, tune
+from dtf.config import config as config_lib
+from dtf import tune
+from dtf.experiment import train
 
 QUICK = dict(dataset="synthetic/8x8x1", model="mlp", strategy="one_device", num_cpu_devices=1, global_batch_size=16,
              steps_per_epoch=3, log_every_steps=1, warmup_epochs=0, backup_every_steps=2, checkpoint_every=1)

@@ -1,4 +1,4 @@
-"""Reruns on a model_dir that holds a run (dtf.rundir): a finished run is left as it is, more epochs continue it, a
+"""Reruns on a model_dir that holds a run (dtf.experiment.rundir): a finished run is left as it is, more epochs continue it, a
 different plan is refused (or moved aside with --restart), a diverged run is resumed only from a finite backup, and
 one run at a time holds the directory."""
 import hashlib
@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 import dtf
-from dtf import callbacks, rundir, train
-from dtf import config as config_lib
-from dtf.errors import UserError
+from dtf.experiment import callbacks
+from dtf.experiment import rundir
+from dtf.experiment import train
+from dtf.config import config as config_lib
+from dtf.base.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = dict(dataset="synthetic/8x8x1", model="mlp", strategy="one_device", global_batch_size=16, steps_per_epoch=4,
@@ -89,7 +91,7 @@ def test_rerun_leaves_finished_run_continues_with_more_epochs_and_refuses_anothe
 
 
 def _step_lrs(run):
-    """{optimizer step: learning rate} of the step-level TensorBoard scalars (dtf.summaries.TrainingScalars)."""
+    """{optimizer step: learning rate} of the step-level TensorBoard scalars (dtf.experiment.summaries.TrainingScalars)."""
     import tensorflow as tf
 
     out = {}
@@ -143,7 +145,7 @@ class Separable(dtf.Task):
 
 
 def test_a_diverged_run_resumes_only_from_finite_state_and_a_sane_lr_converges(tmp_path):
-    from dtf.errors import TrainingDiverged
+    from dtf.base.errors import TrainingDiverged
 
     # Diverges in its first epoch: no backup is finite, so none is kept, and the rerun trains from step 0.
     early = str(tmp_path / "early")

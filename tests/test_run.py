@@ -123,7 +123,7 @@ def test_one_device_equals_mirrored_at_the_same_global_batch(tmp_path):
 
 @pytest.mark.slow
 def test_multi_worker_run_matches_single_device(tmp_path):
-    from dtf import procs
+    from dtf.cluster import procs
     # batch sharding: the workers train on exactly the single-device batch sequence (the default file sharding
     # gives each worker its own files, a different but equally valid order).
     common = [f"--flagfile={DEFAULT_FLAGS}", "--model=mlp", "--global_batch_size=64", *QUICK,

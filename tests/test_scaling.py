@@ -1,5 +1,5 @@
-"""Tests for dtf.scaling: batch plan, LR scaling, schedules, optimizer factory, gradient accumulation (one device;
-dtf.accumulation under every strategy: tests/test_accumulation.py).
+"""Tests for dtf.optim.scaling: batch plan, LR scaling, schedules, optimizer factory, gradient accumulation (one device;
+dtf.optim.accumulation under every strategy: tests/test_accumulation.py).
 
 Several tests use a "constant-gradient" model: y = x·w with x = 1 and per-example loss y, so dloss/dw = 1 and each
 plain-SGD update moves w by exactly -lr. The weight change then shows the LR the optimizer really applied.
@@ -18,8 +18,9 @@ import dtf  # noqa: F401  (quiet TF before it loads)
 import keras
 import tensorflow as tf
 
-from dtf import scaling
-from dtf.errors import UserError
+from dtf.config.batch_plan import BatchPlan
+from dtf.optim import scaling
+from dtf.base.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,7 +127,7 @@ EXPECTED_LR = {1: (0.025, 0.05, 0.1), 2: (0.05, 0.0707106781, 0.1), 4: (0.1, 0.1
 
 @pytest.mark.parametrize("replicas", sorted(EXPECTED_LR))
 def test_scaled_lr_per_rule_and_replica_count(replicas):
-    plan = scaling.BatchPlan.create(replicas, per_replica_batch_size=64)
+    plan = BatchPlan.create(replicas, per_replica_batch_size=64)
     got = [scaling.scaled_lr(0.1, plan.global_batch_size, 256, rule) for rule in scaling.LR_SCALING_RULES]
     assert scaling.LR_SCALING_RULES == ("linear", "sqrt", "none")
     assert got == pytest.approx(EXPECTED_LR[replicas], rel=1e-9)
@@ -141,7 +142,7 @@ def test_explain_lr_lines():
 # ------------------------------------------------------------------------------------------------- batch plan
 
 def test_batch_plan_from_global():
-    plan = scaling.BatchPlan.create(4, global_batch_size=256)
+    plan = BatchPlan.create(4, global_batch_size=256)
     assert (plan.global_batch_size, plan.num_replicas, plan.per_replica_batch_size) == (256, 4, 64)
     assert plan.steps_per_epoch(1000) == 3 and plan.steps_per_epoch(1000, drop_remainder=False) == 4
     with pytest.raises(AttributeError):  # frozen
@@ -149,9 +150,9 @@ def test_batch_plan_from_global():
 
 
 def test_batch_plan_from_per_replica():
-    plan = scaling.BatchPlan.create(8, per_replica_batch_size=32)
+    plan = BatchPlan.create(8, per_replica_batch_size=32)
     assert (plan.global_batch_size, plan.per_replica_batch_size) == (256, 32)
-    assert plan == scaling.BatchPlan(global_batch_size=256, num_replicas=8)
+    assert plan == BatchPlan(global_batch_size=256, num_replicas=8)
 
 
 # ------------------------------------------------------------------------------------------------- optimizers
@@ -270,7 +271,7 @@ strategy = dtf.create_strategy("mirrored", num_cpu_devices=4)  # before any othe
 import keras, numpy as np, tensorflow as tf
 sys.path.insert(0, {tests!r})
 from test_scaling import RecordLR, constant_gradient_model, mirrored_schedule
-from dtf import scaling
+from dtf.optim import scaling
 
 ds = tf.data.Dataset.from_tensors((np.ones(2, "float32"), np.zeros(1, "float32"))).repeat(12 * 8).batch(8)
 with strategy.scope():
@@ -314,7 +315,7 @@ def test_mirrored_optimizer_uses_the_schedule(mirrored_run):
 
 
 def test_mirrored_keras_accumulation_still_broken(mirrored_run):
-    """Why dtf has its own accumulation (dtf.accumulation): keras-team/keras#20582. If this fails, Keras fixed it:
+    """Why dtf has its own accumulation (dtf.optim.accumulation): keras-team/keras#20582. If this fails, Keras fixed it:
     measure its exactness under Mirrored and consider dropping dtf's wrapper."""
     assert "merge_call" in (mirrored_run["accumulation_error"] or "")
 
@@ -328,12 +329,12 @@ def _schedule(**kwargs):
 
 
 ERROR_CASES = {
-    "plan both sizes": (lambda: scaling.BatchPlan.create(4, 256, 64), "--per_replica_batch_size"),
-    "plan no size": (lambda: scaling.BatchPlan.create(4), "--global_batch_size"),
-    "plan per-replica 0": (lambda: scaling.BatchPlan.create(4, per_replica_batch_size=0), "--per_replica_batch_size=0"),
-    "plan indivisible": (lambda: scaling.BatchPlan.create(8, global_batch_size=100), "--global_batch_size=100"),
-    "plan below replicas": (lambda: scaling.BatchPlan.create(4, global_batch_size=2), "--global_batch_size=2"),
-    "plan zero steps": (lambda: scaling.BatchPlan.create(2, global_batch_size=64).steps_per_epoch(63),
+    "plan both sizes": (lambda: BatchPlan.create(4, 256, 64), "--per_replica_batch_size"),
+    "plan no size": (lambda: BatchPlan.create(4), "--global_batch_size"),
+    "plan per-replica 0": (lambda: BatchPlan.create(4, per_replica_batch_size=0), "--per_replica_batch_size=0"),
+    "plan indivisible": (lambda: BatchPlan.create(8, global_batch_size=100), "--global_batch_size=100"),
+    "plan below replicas": (lambda: BatchPlan.create(4, global_batch_size=2), "--global_batch_size=2"),
+    "plan zero steps": (lambda: BatchPlan.create(2, global_batch_size=64).steps_per_epoch(63),
                         "--global_batch_size=64"),
     "base lr zero": (lambda: scaling.scaled_lr(0.0, 256), "--base_lr"),
     "base lr nan": (lambda: scaling.scaled_lr(float("nan"), 256), "--base_lr"),
@@ -386,7 +387,7 @@ def test_batch_plan_errors_name_the_python_argument(case):
 
 def test_error_messages_give_the_fix():
     with pytest.raises(UserError, match=r"use a multiple of 8 \(e\.g\. 96 or 104\)"):
-        scaling.BatchPlan.create(8, global_batch_size=100)
+        BatchPlan.create(8, global_batch_size=100)
     with pytest.raises(UserError, match="valid: constant, cosine, step, polynomial"):
         scaling.build_schedule("exponential", PEAK, TOTAL, SPE)
     with pytest.raises(UserError, match="valid: sgd, adam, adamw, lamb, lion, rmsprop, lars"):

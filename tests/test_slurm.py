@@ -141,7 +141,7 @@ def test_exit_statuses_rerun_requeue_and_taken_port(slurm, tmp_path):
     log = (tmp_path / "taken.log").read_text()
     assert jobs[taken]["JobState"] == "FAILED", log
     [line] = [l for l in log.splitlines() if "already in use" in l]
-    assert re.match(rf"^\d: dtf\.slurm_task: error: port {port} on \S+ \(task \d of job {taken}\) is already in "
+    assert re.match(rf"^\d: dtf\.backends\.slurm_task: error: port {port} on \S+ \(task \d of job {taken}\) is already in "
                     "use by another program", line), line
     assert "0: ran" not in log  # the task whose port was taken never started the command
 
@@ -181,7 +181,7 @@ def test_two_concurrent_jobs_each_match_the_local_launcher(slurm, tmp_path):
     for name, job_id in jobs.items():
         log = (tmp_path / f"{name}.log").read_text()
         assert ended[job_id]["JobState"] == "COMPLETED", log[-3000:]
-        [workers] = re.findall(r"^0: dtf\.slurm_task: 2 worker\(s\): (\S+) \(task 0 is the chief\)$", log, re.M)
+        [workers] = re.findall(r"^0: dtf\.backends\.slurm_task: 2 worker\(s\): (\S+) \(task 0 is the chief\)$", log, re.M)
         clusters[name] = workers.split(",")
         assert re.search(r"^0: ", log, re.M) and re.search(r"^1: ", log, re.M)  # task-prefixed lines
         summary = json.loads((tmp_path / name / "summary.json").read_text())

@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 
 import dtf
-from dtf import strategy as strategy_lib
-from dtf.errors import UserError
+from dtf.distribute import strategy as strategy_lib
+from dtf.base.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +76,7 @@ def test_cluster_timeout_is_a_clear_error(run_python):
     """A worker whose peers never come up exits after the timeout with one line naming what it waited for."""
     proc = run_python("""
 import dtf
-from dtf import cluster
+from dtf.cluster import tf_config as cluster
 ports = cluster.free_ports(2)
 os.environ["TF_CONFIG"] = cluster.build_tf_config([f"127.0.0.1:{p}" for p in ports], 0)
 dtf.create_strategy("multi_worker", cluster_timeout_s=3)
@@ -89,7 +89,7 @@ print("NOT REACHED")
 
 
 def test_version_guard_message():
-    from dtf import versions
+    from dtf.base import versions
     with pytest.raises(UserError, match=r"keras 3.20.0 \(supported: >=3.15,<3.16\)"):
         versions.check_versions("2.21.0", "3.20.0")
     with pytest.raises(UserError, match=r"tensorflow 2.16.1"):

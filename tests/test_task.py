@@ -6,11 +6,14 @@ import tensorflow as tf
 
 import dtf
 import tasks_for_tests
-from dtf import cluster as cluster_lib
-from dtf import losses, objectives, train
-from dtf import task as task_lib
-from dtf.config import Config
-from dtf.errors import UserError
+from dtf.cluster import tf_config as cluster_lib
+from dtf.optim import losses
+from dtf.tuning import objectives
+from dtf.experiment import train
+from dtf.experiment import task as task_lib
+from dtf.config.config import Config
+from dtf.config import specs
+from dtf.base.errors import UserError
 
 TOL = 1e-5
 
@@ -130,12 +133,12 @@ def test_a_path_spec_loads_and_is_made_absolute(task_files, monkeypatch):
     folder, tag = task_files
     monkeypatch.chdir(folder)
     assert isinstance(task_lib.load(f"user_tasks_a_{tag}.py:Good"), dtf.Task)
-    assert task_lib.canonical_spec(f"user_tasks_a_{tag}.py:Good") == f"{folder}/user_tasks_a_{tag}.py:Good"
+    assert specs.canonical_spec(f"user_tasks_a_{tag}.py:Good") == f"{folder}/user_tasks_a_{tag}.py:Good"
     (folder / "other").mkdir()
     (folder / "other" / f"user_tasks_a_{tag}.py").write_text(TASK_MODULE)
     with pytest.raises(UserError, match="another module named .* is already imported"):
         task_lib.load(f"other/user_tasks_a_{tag}.py:Good")
-    assert task_lib.canonical_spec("pkg.mod:Good") == "pkg.mod:Good"
+    assert specs.canonical_spec("pkg.mod:Good") == "pkg.mod:Good"
 
 
 def test_task_with_built_in_dataset_or_model_is_refused():
@@ -227,7 +230,7 @@ def test_model_data_mismatch_is_one_line_without_tensor_values(features, words):
     import keras
     import tensorflow as tf
 
-    from dtf import task as task_lib
+    from dtf.experiment import task as task_lib
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(UserError) as e:
@@ -287,7 +290,7 @@ def test_a_task_without_an_eval_split_trains_without_validation(strategies, tmp_
 # --- task flags -----------------------------------------------------------------------------------------------------
 
 def test_task_spec_is_found_in_nested_flagfiles(tmp_path):
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     (tmp_path / "inner.flags").write_text("--task=pkg.inner:T\n")
     (tmp_path / "outer.flags").write_text(f"--epochs=2\n--flagfile={tmp_path / 'inner.flags'}\n")
@@ -300,7 +303,7 @@ def test_task_flags_are_recorded_in_the_config_and_flagfile():
     from absl import flags
     from absl.testing import flagsaver
 
-    from dtf import flags as dtf_flags
+    from dtf.config import flags as dtf_flags
 
     dtf_flags.define_flags()
     spec = f"{tasks_for_tests.__file__}:Regression"

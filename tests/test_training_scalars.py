@@ -6,10 +6,10 @@ import tensorflow as tf
 
 import dtf
 import tasks_for_tests
-from dtf import cluster as cluster_lib
-from dtf import train
-from dtf.config import Config
-from dtf.summaries import TrainingScalars
+from dtf.cluster import tf_config as cluster_lib
+from dtf.experiment import train
+from dtf.config.config import Config
+from dtf.experiment.summaries import TrainingScalars
 
 VALIDATION_SLEEP_S = 0.01  # per validation example: 100 examples -> ~1 s per validation, several training epochs
 

@@ -115,7 +115,7 @@ def test_tensorboard_serves_trial_hparams(sweep):
     import time
     import urllib.request
 
-    from dtf.cluster import free_ports
+    from dtf.cluster.tf_config import free_ports
 
     tmp, _, _ = sweep
     exe = shutil.which("tensorboard")
@@ -370,7 +370,8 @@ def test_hyperband_promoted_trial_continues_its_parent(run_python, tmp_path):
 
     run_python("""
         import numpy as np
-        from dtf import train, tune
+        from dtf import tune
+        from dtf.experiment import train
         fit = train.Experiment.fit
 
         def snapshot(model):

@@ -15,7 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dtf import data, datasets  # noqa: E402  (first: dtf quiets TensorFlow's C++ logs before TF loads)
+from dtf import datasets  # noqa: E402  (first: dtf quiets TensorFlow's C++ logs before TF loads)
+from dtf.distribute import inputs as data
 
 import tensorflow as tf  # noqa: E402
 

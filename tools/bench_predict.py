@@ -18,7 +18,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dtf  # noqa: E402,F401
-from dtf import datasets, inference, models  # noqa: E402  (first: dtf loads TensorFlow quietly)
+from dtf import datasets  # noqa: E402  (first: dtf loads TensorFlow quietly)
+from dtf.inference import predictor as inference
+from dtf.datasets import models
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

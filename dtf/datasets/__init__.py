@@ -6,10 +6,14 @@ any TFDS name already prepared in the data_dir. The data_dir defaults to $DTF_DA
 """
 from typing import Optional
 
+from dtf.base.versions import load_tensorflow as _load_tensorflow
+
+_load_tensorflow()  # TensorFlow the dtf way (quiet, version-checked) before any module here imports it
+
+from dtf.base.errors import UserError
 from dtf.datasets import catalog, digits, folder, shapes, synthetic
 from dtf.datasets.split import DatasetSplit, from_dataset, from_tfrecord_files
 from dtf.datasets.tfds_reader import resolve_data_dir
-from dtf.errors import UserError
 
 FOLDER_PREFIX = "folder:"
 

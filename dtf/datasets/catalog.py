@@ -7,9 +7,9 @@ import os
 
 import tensorflow_datasets as tfds
 
+from dtf.base.errors import UserError
 from dtf.datasets import tfds_reader
 from dtf.datasets.split import DatasetSplit
-from dtf.errors import UserError
 
 
 def load(name: str, split: str, data_dir: str, valid_names) -> DatasetSplit:

@@ -6,9 +6,9 @@ package. Every 5th image is in `test` (360), the rest in `train` (1,437): a fixe
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dtf.base.errors import UserError
 from dtf.datasets import tfds_reader
 from dtf.datasets.split import DatasetSplit
-from dtf.errors import UserError
 
 NUM_SHARDS = 4
 TEST_EVERY = 5

@@ -9,9 +9,9 @@ import os
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dtf.base.errors import UserError
 from dtf.datasets import tfds_reader
 from dtf.datasets.split import DatasetSplit
-from dtf.errors import UserError
 
 LAYOUT = "<root>/<split>/<class>/<image>.png|jpg"
 

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from dtf.errors import UserError
+from dtf.base.errors import UserError
 
 Reader = Callable[[Optional[tf.distribute.InputContext]], tf.data.Dataset]
 

@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from dtf.base.errors import UserError
 from dtf.datasets.split import DatasetSplit, to_image_label
-from dtf.errors import UserError
 
 POOL_SIZE = 256
 DEFAULT_SHAPE = (28, 28, 1)

@@ -10,9 +10,9 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dtf.base.errors import UserError
+from dtf.base.logs import get_logger
 from dtf.datasets.split import DatasetSplit, count_examples, to_image_label
-from dtf.errors import UserError
-from dtf.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""What every layer shares: errors, exit codes, logging, supported versions. No TensorFlow."""

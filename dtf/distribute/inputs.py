@@ -1,0 +1,354 @@
+"""Per-replica input pipelines: `distribute_dataset` turns a source into what `model.fit`/`evaluate` consume.
+
+Built on `strategy.distribute_datasets_from_function`: one input pipeline per worker, each feeding that worker's
+replicas batches of `global_batch_size / num_replicas`. A pipeline reads a disjoint share of the source: whole shard
+files when there are at least as many shards as pipelines, else all records keeping every n-th (correct, but every
+pipeline reads everything; tensorflow/datasets#2133 is the TFDS face of this). The shares are a fixed function of the
+file list, so they are disjoint whatever the seed.
+
+Training order is a pure function of (seed, epoch), whatever TensorFlow's global seed: epoch `e` is the share shuffled
+with a seed derived from both, so a job restarted with `initial_epoch=e` (and `initial_step=k` to skip the first k
+steps) sees exactly the batches an uninterrupted run would have. Every epoch takes exactly `steps_per_epoch` steps from
+each pipeline (the smallest share decides), so epochs stay aligned with Keras's even when shares differ in size.
+The next epoch's pipeline starts while the current one trains: its shuffle buffer fills in the background instead of
+stalling the first step of every epoch (so two shuffle buffers are held at a time).
+
+Evaluation keeps every example once: no shuffle, no repeat, the last partial batch kept. Replicas whose pipeline has
+run out get empty batches (TensorFlow's partial-batch handling); Keras weighs loss and metrics by batch size, so
+metrics equal the single-device ones (checked under mirrored and 2 workers in tests/test_data.py).
+
+With a tf.data service (`data_service`, see dtf.cluster.data_service), training batches are produced by the service in the
+same order and counts; evaluation stays local (exact, and small).
+"""
+import dataclasses
+import math
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import tensorflow as tf
+from tensorflow.python.data.ops import interleave_op  # TF 2.21's own class behind Dataset.interleave (pinned)
+
+from dtf import datasets
+from dtf.base.errors import UserError
+from dtf.base.logs import get_logger
+from dtf.config.batch_plan import BatchPlan
+from dtf.config.choices import SHARDINGS
+from dtf.datasets import DatasetSplit
+from dtf.datasets.split import count_examples
+
+log = get_logger(__name__)
+# register_dataset, traced inside the epoch function, reads the options TF now keeps in the graph; nothing is lost.
+warnings.filterwarnings("ignore", message="To make it possible to preserve tf.data options across serialization")
+
+DEFAULT_SEED = 0
+DEFAULT_SHUFFLE_BUFFER = 10_000
+# Epoch seeds are seed * SEED_STRIDE + epoch: distinct for any run shorter than this many epochs.
+SEED_STRIDE = 1_000_003
+GRAPH_SEED = 87654321  # any fixed non-zero value (TF treats a (0, 0) seed pair as "random")
+BATCH = ("global_batch_size",)  # the argument the batch messages name (the CLI shows it as --global_batch_size)
+
+Source = Union[str, DatasetSplit, tf.data.Dataset, Sequence[str],
+               Callable[[tf.distribute.InputContext], tf.data.Dataset]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedData:
+    """What the runner needs: the dataset for `fit`/`evaluate` and the numbers to drive them.
+
+    Training: `fit(dataset, steps_per_epoch=steps_per_epoch, initial_epoch=...)`; the dataset repeats forever.
+    Evaluation: `evaluate(dataset, steps=steps_per_epoch)`: ceil(num_examples / global_batch_size) when the shares are
+    balanced, more when a worker's files hold more than its part (the other workers then get empty batches).
+    """
+
+    dataset: tf.distribute.DistributedDataset
+    num_examples: int
+    steps_per_epoch: int
+    global_batch_size: int
+    per_replica_batch_size: int
+    sharding: str  # how pipelines split the source: "none" (one pipeline), "files", "records", or "function"
+    input_shape: Optional[Tuple[int, ...]] = None
+    num_classes: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Share:
+    """One input pipeline's part of the source, and the sizes of every pipeline's part (all workers compute the same
+    sizes, so they agree on the number of steps)."""
+
+    sharding: str
+    sizes: List[int]
+    dataset: tf.data.Dataset
+
+
+def check_global_batch(global_batch_size: int, num_replicas: int) -> int:
+    """The per-replica batch size, or a UserError when the global batch cannot be split evenly over the replicas
+    (`dtf.config.batch_plan.BatchPlan` is the one place that rule lives)."""
+    return BatchPlan(global_batch_size=global_batch_size, num_replicas=num_replicas).per_replica_batch_size
+
+
+def training_steps(sizes: Sequence[int], global_batch_size: int, num_replicas: int) -> int:
+    """Steps per epoch when every pipeline must supply its replicas' full batches: the smallest share decides."""
+    per_replica = check_global_batch(global_batch_size, num_replicas)
+    per_pipeline = per_replica * (num_replicas // len(sizes))
+    total = sum(sizes)
+    if total < global_batch_size:
+        raise UserError(f"the training data has {total} examples, fewer than one global batch (global_batch_size="
+                        f"{global_batch_size}); lower global_batch_size to at most "
+                        f"{_largest_batch(total, num_replicas)}", arguments=BATCH)
+    steps = min(sizes) // per_pipeline
+    if steps == 0:
+        smallest = min(sizes)
+        raise UserError(
+            f"0 training steps per epoch: input pipeline {sizes.index(smallest)} of {len(sizes)} gets {smallest} "
+            f"examples but one step takes {per_pipeline} from each pipeline (global_batch_size={global_batch_size}); "
+            f"lower global_batch_size to at most {_largest_batch(smallest * len(sizes), num_replicas)} or split the "
+            f"data into more even shards", arguments=BATCH)
+    return steps
+
+
+def evaluation_steps(sizes: Sequence[int], global_batch_size: int, num_replicas: int) -> int:
+    """Steps that show every example once: the pipeline with the most batches decides; the others pad with empties."""
+    per_replica = check_global_batch(global_batch_size, num_replicas)
+    replicas_per_pipeline = num_replicas // len(sizes)
+    if sum(sizes) == 0:
+        raise UserError("the evaluation data has 0 examples; check the split name and the data_dir")
+    return max(math.ceil(math.ceil(size / per_replica) / replicas_per_pipeline) for size in sizes)
+
+
+def _largest_batch(examples: int, num_replicas: int) -> int:
+    return max(examples // num_replicas * num_replicas, num_replicas)
+
+
+def epoch_seed(seed: int, epoch):
+    """The shuffle seed of one epoch (epoch may be a tensor): the same on every worker, different every epoch."""
+    return tf.cast(seed, tf.int64) * SEED_STRIDE + tf.cast(epoch, tf.int64)
+
+
+def _resolve(source: Source, split: Optional[str], data_dir: Optional[str], training: bool):
+    """A DatasetSplit, or the user's function of InputContext (which shards by itself)."""
+    if isinstance(source, str):
+        return datasets.load(source, split or ("train" if training else "test"), data_dir)
+    if split is not None or data_dir is not None:
+        raise UserError("split/data_dir apply to dataset names only; this source is not a name")
+    if isinstance(source, DatasetSplit):
+        return source
+    if isinstance(source, tf.data.Dataset):
+        return datasets.from_dataset(source)
+    if isinstance(source, (list, tuple)) and all(isinstance(f, str) for f in source):
+        return datasets.from_tfrecord_files(source)
+    if callable(source):
+        return source
+    raise UserError(f"cannot read input from a {type(source).__name__}; give a dataset name, a tf.data.Dataset, a list "
+                    "of TFRecord files, or a function of tf.distribute.InputContext returning a tf.data.Dataset")
+
+
+def share_sizes(split: DatasetSplit, num_pipelines: int) -> Tuple[str, List[int]]:
+    """How `num_pipelines` input pipelines split `split` ("none", "files" or "records") and each one's examples.
+
+    A runner can compute the exact steps per epoch before building anything: `training_steps(sizes, ...)` with one
+    pipeline per worker."""
+    if num_pipelines == 1:
+        return "none", [split.num_examples]
+    if split.num_shards >= num_pipelines:
+        return "files", [sum(split.shard_lengths[i::num_pipelines]) for i in range(num_pipelines)]
+    n = split.num_examples
+    return "records", [n // num_pipelines + (i < n % num_pipelines) for i in range(num_pipelines)]
+
+
+_said_shard_hint = False
+
+
+def _share(source, ctx: tf.distribute.InputContext) -> _Share:
+    """This pipeline's part: by files when there are enough shards, else by records (with a warning)."""
+    pipelines, index = ctx.num_input_pipelines, ctx.input_pipeline_id
+    if not isinstance(source, DatasetSplit):
+        contexts = [tf.distribute.InputContext(pipelines, i, ctx.num_replicas_in_sync) for i in range(pipelines)]
+        return _Share("function", [count_examples(source(c)) for c in contexts], source(ctx))
+    sharding, sizes = share_sizes(source, pipelines)
+    if sharding == "none":
+        return _Share(sharding, sizes, source.read(None))
+    if sharding == "files":
+        return _Share(sharding, sizes, source.read(ctx))
+    global _said_shard_hint
+    if index == 0 and not _said_shard_hint:  # the chief's pipeline, once a run: not per split, worker or epoch
+        _said_shard_hint = True
+        log.warning(f"{source.name} {source.split} is stored in {source.num_shards} shard(s) for {pipelines} input "
+                    f"pipelines: sharding by records, so every pipeline reads all {source.num_examples} examples and "
+                    f"keeps 1 in {pipelines}; store it in at least {pipelines} files to read less")
+    return _Share(sharding, sizes, source.read(None).shard(pipelines, index))
+
+
+def distribute_dataset(
+    strategy: tf.distribute.Strategy,
+    source: Source,
+    global_batch_size: int,
+    *,
+    training: bool = True,
+    seed: Optional[int] = None,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    cache: bool = False,
+    deterministic: Optional[bool] = None,
+    preprocess: Optional[Callable] = None,
+    preprocess_batch: Optional[Callable] = None,
+    data_dir: Optional[str] = None,
+    split: Optional[str] = None,
+    initial_epoch: int = 0,
+    initial_step: int = 0,
+    steps_per_epoch: Optional[int] = None,
+    sharding: str = "auto",
+    data_service=None,
+) -> DistributedData:
+    """Per-replica batches of `source` for `strategy`.
+
+    source: a dataset name (`dtf.datasets.load`; `split` defaults to train/test), a `DatasetSplit`, an unbatched
+      `tf.data.Dataset`, a list of TFRecord files (then `preprocess` parses the records), or a function of
+      `tf.distribute.InputContext` returning that pipeline's unbatched share.
+    seed: the shuffle seed shared by all workers (None: DEFAULT_SEED, so restarts reproduce the order).
+    cache: keep the decoded share in memory after the first epoch. preprocess: applied per example after the cache and
+      the shuffle (augmentation belongs here). preprocess_batch: applied to every per-replica batch (the element
+      structure, batched), for vectorized parsing or augmentation. deterministic: False lets tf.data reorder for speed, which gives up the
+      reproducible order.
+    initial_epoch/initial_step: where a resumed training job starts (step k of epoch e is skipped to, not replayed).
+    steps_per_epoch: shorter training epochs than one pass (each still a fresh shuffle of the whole share).
+    sharding: how training pipelines split a dataset: "auto" (by files when there are enough, else by records) or
+      "batch": every pipeline reads the whole split in the one global order and keeps its slice of each global
+      batch, so any number of replicas and workers trains on exactly the single-device batch sequence (the way to
+      check equivalence, or to compare runs across cluster sizes), at the cost of every worker reading everything.
+    """
+    if sharding not in SHARDINGS:
+        raise UserError(f"sharding={sharding!r} is not valid; choose one of: {', '.join(SHARDINGS)}",
+                        arguments={"sharding": "input_sharding"})
+    source = _resolve(source, split, data_dir, training)
+    num_replicas = strategy.num_replicas_in_sync
+    per_replica = check_global_batch(global_batch_size, num_replicas)
+    if shuffle_buffer < 1:
+        raise UserError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}", arguments=("shuffle_buffer",))
+    if initial_epoch < 0 or initial_step < 0:
+        raise UserError(f"initial_epoch ({initial_epoch}) and initial_step ({initial_step}) must be >= 0")
+    seed = DEFAULT_SEED if seed is None else seed
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # dtf shards itself
+    if deterministic is not None:
+        options.deterministic = deterministic
+    if data_service is not None and training and cache:
+        raise UserError("--cache keeps examples in the training process, which --data_service does not read; "
+                        "remove one of them", arguments=("cache", "data_service"))
+    plans = []
+
+    by_batch = training and sharding == "batch" and isinstance(source, DatasetSplit)
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        share = _Share("batch", [source.num_examples], source.read(None)) if by_batch else _share(source, ctx)
+        data = _filled_cache(share.dataset) if cache else share.dataset
+        if training:
+            steps = training_steps(share.sizes, global_batch_size, num_replicas)
+            if steps_per_epoch is not None:
+                if not 0 < steps_per_epoch <= steps:
+                    raise UserError(f"steps_per_epoch={steps_per_epoch} must be between 1 and {steps} (one pass over "
+                                    f"the data at global_batch_size={global_batch_size})",
+                                    arguments=("steps_per_epoch", *BATCH))
+                steps = steps_per_epoch
+            if initial_step >= steps:
+                raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")
+            data = _training_batches(data, ctx, per_replica, steps, seed, shuffle_buffer, preprocess, preprocess_batch,
+                                     initial_epoch, initial_step, global_batch_size if by_batch else None,
+                                     data_service)
+        else:
+            steps = evaluation_steps(share.sizes, global_batch_size, num_replicas)
+            if preprocess is not None:
+                data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+            # Workers may hold different numbers of batches; a known per-worker count would make Keras stop each
+            # worker at its own count, leaving the others waiting in a collective. Unknown, all stop together.
+            data = _map_batches(data.batch(per_replica, num_parallel_calls=tf.data.AUTOTUNE), preprocess_batch)
+            data = data.filter(lambda *_: True)
+        plans.append((share, steps))
+        return data.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    share, steps = plans[0]
+    data = DistributedData(dataset=dataset, num_examples=sum(share.sizes), steps_per_epoch=steps,
+                           global_batch_size=global_batch_size, per_replica_batch_size=per_replica,
+                           sharding=share.sharding, input_shape=getattr(source, "input_shape", None),
+                           num_classes=getattr(source, "num_classes", None))
+    sharded = f"{len(share.sizes)} pipelines sharded by {share.sharding}" if len(share.sizes) > 1 else "1 pipeline"
+    served = f", from the tf.data service {data_service.target}" if data_service is not None and training else ""
+    log.info(f"{'training' if training else 'evaluation'} input: {data.num_examples} examples, {sharded}, global batch "
+             f"{global_batch_size} = {num_replicas} replica(s) x {per_replica}, {steps} steps{served}")
+    return data
+
+
+def _map_batches(batches: tf.data.Dataset, fn: Optional[Callable]) -> tf.data.Dataset:
+    """`fn` on every batch, given as one structure (a tuple, or a lone tensor such as serialized records)."""
+    if fn is None:
+        return batches
+    return batches.map(lambda *batch: fn(batch if len(batch) > 1 else batch[0]), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _filled_cache(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` cached in memory and filled now, by one pass. Filled lazily, the cache would complete only if some
+    epoch read the share to its end, which an epoch that stops after its last full batch does not always do."""
+    cached = dataset.cache()
+    cached.reduce(tf.constant(0), lambda count, _: count)
+    return cached
+
+
+def _one_after_another(inputs: tf.data.Dataset, make: Callable, ready: int) -> tf.data.Dataset:
+    """`inputs.flat_map(make)` (the same elements in the same order), but the dataset of the next input is started
+    while the current one is read, and keeps `ready` elements waiting. A training epoch starts by filling its shuffle
+    buffer (the whole share when it fits): done in flat_map's turn, that stalled training 0.4-0.6 s at every epoch
+    boundary of the default experiment. The price: the next epoch's shuffle buffer is held in memory too."""
+    return interleave_op._ParallelInterleaveDataset(  # pylint: disable=protected-access
+        inputs, make, cycle_length=1, block_length=1, num_parallel_calls=1, buffer_output_elements=ready,
+        prefetch_input_elements=1, deterministic=True)
+
+
+def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, per_replica: int, steps: int,
+                      seed: int, buffer: int, preprocess, preprocess_batch, initial_epoch: int, initial_step: int,
+                      slice_of_global: Optional[int] = None, service=None) -> tf.data.Dataset:
+    """Epochs initial_epoch, initial_epoch + 1, ... of `steps` steps each (one batch per local replica per step),
+    epoch e shuffled by epoch_seed(seed, e); the first `initial_step` steps are skipped. With `slice_of_global` (the
+    global batch), `share` is the whole split and this pipeline keeps its slice of each global batch. With `service`,
+    each epoch is produced there in `service.jobs` parts (see dtf.cluster.data_service for why that keeps the order)."""
+    replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    batches_per_epoch = steps * replicas
+    per_pipeline = per_replica * replicas
+    first = ctx.input_pipeline_id * per_pipeline
+
+    def my_slice(*batch):
+        part = tuple(x[first:first + per_pipeline] for x in batch)
+        return part if len(part) > 1 else part[0]
+
+    @tf.autograph.experimental.do_not_convert  # plain Python branches; AutoGraph misreads this closure and warns
+    def epoch(e, part=None):
+        # Traced in a graph, this sets only this function's graph-level seed, which TF pairs with the op seed: the
+        # order then depends on (seed, e) alone, not on whether or how the user set the process-wide seed.
+        tf.random.set_seed(GRAPH_SEED)
+        data = share.shuffle(buffer, seed=epoch_seed(seed, e))
+        if part is not None and not slice_of_global:  # a service part: the examples of batches part, part + jobs, ...
+            data = data.take(batches_per_epoch * per_replica).enumerate().filter(
+                lambda i, _: i // per_replica % service.jobs == part).map(lambda _, example: example)
+        if preprocess is not None:
+            data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        if slice_of_global:
+            data = data.batch(slice_of_global, drop_remainder=True).map(my_slice).unbatch()
+        data = data.batch(per_replica, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE).take(batches_per_epoch)
+        if part is not None and slice_of_global:
+            data = data.shard(service.jobs, part)
+        return _map_batches(data, preprocess_batch)
+
+    def served_epoch(e):
+        def served_part(k):
+            part = tf.data.Dataset.from_tensors(k).flat_map(lambda k: epoch(e, k))  # one split: one service worker
+            dataset_id = tf.data.experimental.service.register_dataset(service.target, part)
+            return tf.data.experimental.service.from_dataset_id(
+                tf.data.experimental.service.ShardingPolicy.DYNAMIC, service.target, dataset_id, part.element_spec)
+
+        return tf.data.Dataset.range(service.jobs).interleave(served_part, cycle_length=service.jobs, block_length=1)
+
+    if service:  # the service's workers already run ahead
+        epochs = tf.data.Dataset.counter(initial_epoch).flat_map(served_epoch)
+    else:
+        epochs = _one_after_another(tf.data.Dataset.counter(initial_epoch), epoch, ready=replicas)
+    epochs = epochs.skip(initial_step * replicas)
+    # Infinite (not unknown) keeps TF from checking every step whether some worker ran out of data.
+    return epochs.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))

@@ -1,0 +1,4 @@
+"""Distributed prediction with a saved model, and writing predictions to files."""
+from dtf.base.versions import load_tensorflow as _load_tensorflow
+
+_load_tensorflow()  # TensorFlow the dtf way (quiet, version-checked) before any module here imports it

@@ -1,0 +1,1 @@
+"""Every private TensorFlow, Keras and keras-tuner name dtf uses, in one place."""

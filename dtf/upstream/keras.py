@@ -1,0 +1,62 @@
+"""Keras 3 fixes so `fit`/`evaluate`/`predict`/`save` work under MultiWorkerMirroredStrategy (and evaluation of
+small splits under MirroredStrategy).
+
+Keras 3 (TF >= 2.16) ships two bugs that stop multi-worker training (keras-team/keras#20585,
+tensorflow/tensorflow#72388, ray-project/ray#47464):
+
+1. `TensorFlowTrainer._maybe_symbolic_build` calls `strategy.reduce("MEAN", batch)` on the whole nested PerReplica
+   batch to get example shapes; CollectiveAllReduce cannot reduce a nest ("Attempt to convert a value (PerReplica…)").
+   Under MirroredStrategy the reduce is an AddN, which fails whenever the replicas' first batches differ in size: an
+   evaluation split smaller than one global batch leaves some replicas an empty batch ("Inputs to operation AddN …
+   must have the same size and shape. Input 0: [10,8] != input 1: [0,8]").
+   Fix: under any distribution strategy, build from the first local batch; only shapes and dtypes matter there.
+2. `reduce_per_replica` reduces metric values with `strategy.reduce("MEAN", v, axis=0)` under multi-worker; loss and
+   metrics are scalars ("Invalid reduction dimension 0 for input with 0 dimensions"), and for a non-scalar it would
+   also average within the tensor. Fix: `axis=None`, i.e. the mean across replicas, as in the single-worker path.
+
+The chief-aware file writing that Keras 3 also lacks lives in `dtf.experiment.callbacks`. Both patches are applied only under
+the Keras versions in `dtf.base.versions.KERAS_RANGE` (checked at `import dtf`), the second is a no-op outside
+multi-worker mode, and `apply()` is idempotent. Delete this module when Keras fixes the issues above.
+"""
+import tensorflow as tf
+from keras.src import tree
+from keras.src.backend.tensorflow import trainer as tf_trainer
+
+_ORIGINAL_SYMBOLIC_BUILD = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+_ORIGINAL_REDUCE_PER_REPLICA = tf_trainer.reduce_per_replica
+
+
+def _is_multi_worker(strategy) -> bool:
+    return tf_trainer._collective_all_reduce_multi_worker(strategy)  # pylint: disable=protected-access
+
+
+def _first_local(value):
+    if isinstance(value, tf.distribute.DistributedValues):
+        return value.values[0]
+    return value
+
+
+def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    if self._distribute_strategy is None:
+        return _ORIGINAL_SYMBOLIC_BUILD(self, iterator=iterator, data_batch=data_batch)
+    if iterator is not None:
+        for _, _, it in iterator:
+            data_batch = tree.map_structure(_first_local, next(it))
+            break
+    with self.distribute_strategy.scope():
+        self._symbolic_build(data_batch=data_batch)
+
+
+def reduce_per_replica(values, strategy, reduction):
+    if reduction == "auto" and not isinstance(strategy, tf.distribute.TPUStrategy):
+        reduction = "mean"
+    if reduction == "mean" and _is_multi_worker(strategy):
+        return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+    return _ORIGINAL_REDUCE_PER_REPLICA(values, strategy, reduction)
+
+
+def apply():
+    """Install the fixes (idempotent). `dtf.create_strategy` calls this for mirrored and multi_worker; users building
+    their own strategy call it once before `model.fit`."""
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+    tf_trainer.reduce_per_replica = reduce_per_replica
