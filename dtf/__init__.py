@@ -34,7 +34,7 @@ _MOVED = {
     "task": "experiment.task", "callbacks": "experiment.callbacks", "preemption": "experiment.preemption",
     "summaries": "experiment.summaries", "progress": "experiment.progress", "evaluator": "experiment.evaluator",
     "rundir": "experiment.rundir", "atomic": "experiment.atomic", "models": "datasets.models",
-    "tune_distributed": "tuning.distributed", "objectives": "tuning.objectives", "inference": "inference.predictor",
+    "tune_distributed": "tuning.distributed", "objectives": "tuning.objectives",
     "prediction_files": "inference.prediction_files", "bench_scaling": "benchmarks.scaling",
     "bottleneck": "benchmarks.bottleneck", "overhead": "benchmarks.overhead", "allreduce": "benchmarks.allreduce",
 }

@@ -91,9 +91,9 @@ def main(prog: str, define: Callable[[List[str]], None], body: Callable[[List[st
 
 
 def exit(status: int):
-    """End a dtf command with `status`, like sys.exit. One that is done (0) or preempted (dtf.experiment.preemption) has written
-    and closed everything it will (its results atomically; TensorBoard writers close at the end of training): once
-    TensorFlow is loaded it exits at once, skipping TensorFlow's teardown, which adds nothing but waiting. Measured
+    """End a dtf command with `status`, like sys.exit. One that is done (0) or preempted (dtf.experiment.preemption) has
+    written and closed everything it will (its results atomically; TensorBoard writers close at the end of training):
+    once TensorFlow is loaded it exits at once, skipping TensorFlow's teardown, which adds nothing but waiting. Measured
     (BUILD_NOTES.md, "Exit"): destroying the input iterators Keras leaves alive (per-device iterators of pipelines
     that work ahead) took 1.5-10 s each, serially, so a run lingered 12 s to minutes after its summary and once never
     exited; a preempted run's coordination-service shutdown waits for every peer (6 s past the grace period with a

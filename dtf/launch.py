@@ -26,8 +26,8 @@ launcher therefore runs the group in a private network namespace with loopback o
 where nothing outside this host can reach them (nor can the workers reach the network).
 
 `--emit=tfjob|slurm` prints a cluster manifest for the same command instead of running it (see dtf.backends.tfjob,
-dtf.backends.slurm); `--data_service_workers=N` adds a tf.data service to it (dtf.cluster.data_service). `--backend=ray` runs it
-on Ray Train workers instead of local processes (see dtf.backends.ray).
+dtf.backends.slurm); `--data_service_workers=N` adds a tf.data service to it (dtf.cluster.data_service). `--backend=ray`
+runs it on Ray Train workers instead of local processes (see dtf.backends.ray).
 """
 import json
 import os
@@ -240,7 +240,8 @@ def _report_failure(result: procs.GroupResult, hosts: Sequence[str]) -> Tuple[in
 def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
            timeout_s: Optional[float] = None, evaluator: Optional[Sequence[str]] = None,
            preemption_grace_s: float = exitcodes.LAUNCHER_GRACE_S) -> int:
-    """Run `command` as `num_workers` local workers until they all succeed, restarting after failures; see module doc."""
+    """Run `command` as `num_workers` local workers until they all succeed, restarting after failures; see the module
+    doc."""
     roles = [procs.role(i) for i in range(num_workers)] + (["evaluator"] if evaluator else [])
     group = f"{num_workers} worker(s)" + (" and an evaluator" if evaluator else "")
     printer = _Printer(sys.stdout, roles.__getitem__)

@@ -41,8 +41,8 @@ def _define(argv):
 
 
 def _fence_data_service(argv):
-    """--data_service=local:N: fence its servers (dtf.cluster.data_service.fence) before anything, a --task module included,
-    starts TensorFlow's threads: a namespace change leaves running threads outside."""
+    """--data_service=local:N: fence its servers (dtf.cluster.data_service.fence) before anything, a --task module
+    included, starts TensorFlow's threads: a namespace change leaves running threads outside."""
     from dtf.base.errors import UserError
     from dtf.cluster import data_service, tf_config as cluster_lib
     from dtf.config.flags import arg_value

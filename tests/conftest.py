@@ -78,6 +78,59 @@ def mirrored4():
     return dtf.create_strategy("mirrored", num_cpu_devices=4)
 
 
+@pytest.fixture(scope="module")
+def id_files(tmp_path_factory):
+    """TFRecord files of consecutive ids (helpers.parse_id reads them): 8 even training files, 8 uneven eval files."""
+    from helpers import EVAL_FILE_LENGTHS, TRAIN_IDS, write_id_files
+
+    directory = tmp_path_factory.mktemp("ids")
+    return {"train": write_id_files(str(directory / "train"), [TRAIN_IDS // 8] * 8),
+            "eval": write_id_files(str(directory / "eval"), EVAL_FILE_LENGTHS)}
+
+
+@pytest.fixture
+def start_launcher(tmp_path):
+    """start_launcher(*args) -> helpers.Launcher running `python -m dtf.launch ARGS` in tmp_path; each is cleaned up
+    (its launcher and every worker it was seen with stopped) when the test ends."""
+    from helpers import Launcher
+
+    started = []
+
+    def start(*args):
+        started.append(Launcher(list(args), str(tmp_path)))
+        return started[-1]
+
+    yield start
+    for launcher in started:
+        launcher.cleanup()
+
+
+def _slurm_unavailable(why: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"Slurm is needed in CI but {why}")
+    pytest.skip(f"real Slurm unavailable: {why}")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm (tests/slurm_cluster.py), one per test file. Skipped with the reason when Slurm is
+    not installed here; under CI (CI=true, where .ci/run installs it) that is a failure instead."""
+    from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+    why = SlurmCluster.unavailable()
+    if why:
+        _slurm_unavailable(why)
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    try:
+        cluster.__enter__()
+    except SlurmUnavailable as e:
+        _slurm_unavailable(str(e))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 # Files that must not run beside each other in `pytest -n 2 --dist loadgroup`: each Slurm file starts its own Slurm.
 SHARED_GROUPS = {"test_slurm": "slurm", "test_slurm_preemption": "slurm"}
 

@@ -66,7 +66,3 @@ def train(strategy, optimizer_name, epochs=EPOCHS, callbacks=()):
     history = model.fit(sliced_dataset(strategy), epochs=epochs, steps_per_epoch=NUM_EXAMPLES // GLOBAL_BATCH,
                         verbose=0, callbacks=list(callbacks))
     return model.get_weights(), history.history
-
-
-def max_abs_diff(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))

@@ -90,8 +90,9 @@ def _model():
 def _backup(callback, epoch, steps_done, value):
     """Back up weights that are all `value` as (epoch, steps_done)."""
     callback.model.set_weights([np.full(w.shape, value, w.dtype) for w in callback.model.get_weights()])
-    callback._current_epoch, callback._steps_done = epoch, steps_done
-    callback._save_model()
+    callback.step_offset = steps_done
+    callback.on_epoch_begin(epoch)
+    callback.save_now()
 
 
 def _restore(backup_dir):
@@ -205,8 +206,8 @@ backup = callbacks.latest_backup(sys.argv[1])
 start = backup.epoch + 1 if backup else 1
 for epoch in range(start, start + 10_000):
     model.set_weights([np.full(w.shape, float(epoch), w.dtype) for w in model.get_weights()])
-    callback._current_epoch, callback._steps_done = epoch, 0
-    callback._save_model()
+    callback.on_epoch_begin(epoch)
+    callback.save_now()
     print("SAVED", epoch, flush=True)
 """
 

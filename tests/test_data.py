@@ -1,5 +1,5 @@
-"""dtf.distribute.inputs: sharding touches every example exactly once, the order is a function of (seed, epoch), evaluation keeps
-every example, and batch-size mistakes are one-line UserErrors.
+"""dtf.distribute.inputs: sharding touches every example exactly once, the order is a function of (seed, epoch),
+evaluation keeps every example, and batch-size mistakes are one-line UserErrors.
 
 In-process tests stand in a `PipelineStrategy` for a strategy with several input pipelines. The real checks run one
 probe script under MirroredStrategy on 4 logical CPUs (its own process: logical devices must be set before TensorFlow
@@ -20,50 +20,10 @@ import tensorflow as tf
 from dtf import datasets
 from dtf.distribute import inputs as data
 from dtf.base.errors import UserError
+from helpers import (EVAL_FILE_LENGTHS, EVAL_RECORDS, GLOBAL_BATCH, TRAIN_IDS, WEIGHTS, PipelineStrategy, parse_id,
+                     with_id, write_id_files)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_IDS = 96  # 8 TFRecord files of 12
-EVAL_FILE_LENGTHS = [13, 10, 13, 10, 12, 10, 12, 10]  # 90, uneven: 2 pipelines get 50 and 40
-EVAL_RECORDS = 81  # 2 pipelines by records get 41 and 40: 6 and 5 batches of 8, with known cardinality
-GLOBAL_BATCH = 16
-SHAPES_BATCH = 200
-WEIGHTS = np.array([[0.5, -1.0, 0.25], [1.5, 0.5, -0.5], [-1.0, 0.75, 1.0], [0.25, -0.5, 2.0]], np.float32)
-
-
-class PipelineStrategy:
-    """Stands in for a strategy with `pipelines` workers and `replicas` replicas in all: returns every pipeline's
-    dataset, so one process sees what each worker would read."""
-
-    def __init__(self, pipelines: int, replicas: int):
-        self.pipelines, self.num_replicas_in_sync = pipelines, replicas
-
-    def distribute_datasets_from_function(self, dataset_fn):
-        return [dataset_fn(tf.distribute.InputContext(self.pipelines, i, self.num_replicas_in_sync))
-                for i in range(self.pipelines)]
-
-
-def with_id(i):
-    return tf.sin(tf.cast(i, tf.float32) * tf.constant([1.0, 2.0, 3.0, 4.0])), i
-
-
-def parse_id(serialized):
-    return with_id(tf.io.parse_single_example(serialized, {"id": tf.io.FixedLenFeature([], tf.int64)})["id"])
-
-
-def write_id_files(directory, lengths):
-    """TFRecord files holding consecutive ids, `lengths[k]` records in file k."""
-    os.makedirs(directory)
-    paths, start = [], 0
-    for k, length in enumerate(lengths):
-        path = os.path.join(directory, f"ids-{k:02d}.tfrecord")
-        with tf.io.TFRecordWriter(path) as writer:
-            for i in range(start, start + length):
-                example = tf.train.Example(features=tf.train.Features(
-                    feature={"id": tf.train.Feature(int64_list=tf.train.Int64List(value=[i]))}))
-                writer.write(example.SerializeToString())
-        paths.append(path)
-        start += length
-    return paths
 
 
 def batches(dataset, count):
@@ -73,13 +33,6 @@ def batches(dataset, count):
 
 def flat(nested):
     return [x for step in nested for part in step for x in part]
-
-
-@pytest.fixture(scope="module")
-def id_files(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ids")
-    return {"train": write_id_files(str(directory / "train"), [TRAIN_IDS // 8] * 8),
-            "eval": write_id_files(str(directory / "eval"), EVAL_FILE_LENGTHS)}
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +217,7 @@ import keras
 import tensorflow as tf
 from dtf.distribute import inputs as data
 sys.path.insert(0, os.environ["PROBE_TESTS"])
-from test_data import EVAL_RECORDS, GLOBAL_BATCH, SHAPES_BATCH, WEIGHTS, parse_id, with_id
+from helpers import EVAL_RECORDS, GLOBAL_BATCH, SHAPES_BATCH, WEIGHTS, parse_id, with_id
 
 spec = json.loads(os.environ["PROBE_SPEC"])
 

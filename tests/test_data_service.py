@@ -18,7 +18,7 @@ from dtf.distribute import inputs as data
 from dtf.cluster import data_service
 from dtf.config import specs
 from dtf.base.errors import UserError
-from test_data import GLOBAL_BATCH, TRAIN_IDS, PipelineStrategy, id_files, parse_id, with_id  # noqa: F401
+from helpers import GLOBAL_BATCH, TRAIN_IDS, PipelineStrategy, model_weights, parse_id, with_id
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +104,7 @@ import tensorflow as tf
 from dtf.distribute import inputs as data
 from dtf.cluster import data_service
 sys.path.insert(0, os.environ["PROBE_TESTS"])
-from test_data import GLOBAL_BATCH, parse_id
+from helpers import GLOBAL_BATCH, parse_id
 service = data_service.Service(os.environ["SERVICE"], 2)
 d = data.distribute_dataset(strategy, json.loads(os.environ["FILES"]), GLOBAL_BATCH, seed=5, preprocess=parse_id,
                             data_service=service)
@@ -135,8 +135,6 @@ def test_two_workers_every_example_once_in_the_local_order(run_workers, service,
 
 @pytest.mark.slow
 def test_run_through_local_service_reaches_the_same_weights_and_stops_it(mirrored4, tmp_path):
-    import keras
-
     from dtf.config.config import Config
     from dtf.experiment.train import run_experiment
 
@@ -147,7 +145,7 @@ def test_run_through_local_service_reaches_the_same_weights_and_stops_it(mirrore
                         data_dir=str(tmp_path / "data"), log_every_steps=3)
         summary = run_experiment(config, strategy=mirrored4)
         assert set(children(os.getpid())) == before, "tf.data service processes outlived the run"
-        weights[name] = keras.models.load_model(tmp_path / name / "model.keras").get_weights()
+        weights[name] = model_weights(tmp_path / name)
         weights[name + "_acc"] = summary["final_metrics"]["val_accuracy"]
     assert all(np.array_equal(a, b) for a, b in zip(weights["local"], weights["served"]))
     assert weights["local_acc"] == weights["served_acc"]

@@ -15,7 +15,7 @@ from dtf import datasets
 from dtf.distribute import inputs as data
 from dtf.datasets import digits, shapes, synthetic
 from dtf.base.errors import UserError
-from test_data import PipelineStrategy
+from helpers import PipelineStrategy
 
 
 @pytest.fixture

@@ -2,11 +2,11 @@
 multi-worker (2 and 3 real worker processes on 127.0.0.1), with SGD+momentum and with Adam."""
 import json
 
-import numpy as np
 import pytest
 
 import dtf
 import equiv_common as eq
+from helpers import max_weight_delta, model_weights
 
 TOL = 1e-5
 
@@ -14,11 +14,6 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def single_device():
     return {opt: eq.train(dtf.create_strategy("one_device"), opt)[0] for opt in ("sgd", "adam")}
-
-
-def _load(path):
-    with np.load(path) as f:
-        return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
 MIRRORED = """
@@ -37,7 +32,7 @@ for opt in ("sgd", "adam"):
 def test_mirrored_matches_one_device(single_device, run_python, tmp_path, replicas):
     run_python(f"REPLICAS = {replicas}\n" + MIRRORED)
     for opt in ("sgd", "adam"):
-        assert eq.max_abs_diff(_load(tmp_path / f"w_{opt}.npz"), single_device[opt]) < TOL, opt
+        assert max_weight_delta(tmp_path / f"w_{opt}.npz", single_device[opt]) < TOL, opt
 
 
 WORKER = """
@@ -57,9 +52,9 @@ for opt in ("sgd", "adam"):
 def test_multi_worker_matches_one_device(single_device, run_workers, tmp_path, num_workers):
     run_workers(f"NUM_WORKERS = {num_workers}\n" + WORKER, num_workers)
     for opt in ("sgd", "adam"):
-        per_worker = [_load(tmp_path / f"w_{opt}_{task}.npz") for task in range(num_workers)]
+        per_worker = [model_weights(tmp_path / f"w_{opt}_{task}.npz") for task in range(num_workers)]
         for task, weights in enumerate(per_worker):
-            assert eq.max_abs_diff(weights, single_device[opt]) < TOL, (opt, task)
-            assert eq.max_abs_diff(weights, per_worker[0]) == 0.0, (opt, task)  # bit-identical across workers
+            assert max_weight_delta(weights, single_device[opt]) < TOL, (opt, task)
+            assert max_weight_delta(weights, per_worker[0]) == 0.0, (opt, task)  # bit-identical across workers
         losses = json.loads((tmp_path / f"h_{opt}_0.json").read_text())["loss"]
         assert losses[-1] < losses[0]

@@ -4,7 +4,6 @@ from a real TensorBoard server on 127.0.0.1), the best checkpoint kept."""
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +13,16 @@ import keras
 import pytest
 
 import tasks_for_tests
+from dtf.cluster.tf_config import free_ports
 
 TOL = 1e-5
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH, EPOCHS = 10, 3  # 320 training examples at global batch 32
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scalars(logdir, run_name, tag, count):
     """(step, value) points of one tag, read from a real TensorBoard server on loopback."""
-    port = _free_port()
+    port = free_ports(1)[0]
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
                                f"--port={port}", "--load_fast=false"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dtf.cluster import netns
-from test_launch import Launcher
+from helpers import Launcher
 
 WORKER = """
 import os, sys, time
@@ -85,8 +85,8 @@ def test_without_isolation_the_ports_are_open_and_named(tmp_path):
 @pytest.mark.skipif(not os.path.exists("/proc/self/ns/net"), reason="network namespaces are Linux only")
 def test_local_data_service_listens_on_loopback_only(tmp_path):
     """dtf.run --data_service=local:1 moves itself into a private loopback-only namespace before TensorFlow starts
-    (before its --task module is imported), so the dispatcher and worker it starts (TF binds them to every interface) are not on this host's interfaces, and
-    the run, their only consumer, still reaches them."""
+    (before its --task module is imported), so the dispatcher and worker it starts (TF binds them to every interface)
+    are not on this host's interfaces, and the run, their only consumer, still reaches them."""
     import signal
     import subprocess
 

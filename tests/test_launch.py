@@ -10,147 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
-import threading
 import time
 
-import numpy as np
-import psutil
 import pytest
 
 from dtf.cluster import tf_config as cluster_lib
 from dtf import launch
 from dtf.cluster import procs
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PID_LINE = re.compile(r"launch: (chief|worker \d+) pid (\d+) \((127\.0\.0\.1:\d+)\)")
-
-
-def _env(**extra):
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), **extra)
-
-
-def _process(pid: int):
-    """A handle that knows its process's start time, so a reused PID (they wrap fast here) is not mistaken for it."""
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None
-
-
-def _alive(process) -> bool:
-    try:
-        return process is not None and process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _script(tmp_path, name: str, code: str) -> str:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(code))
-    return str(path)
-
-
-def launch_to_success(args, cwd, timeout_s: float):
-    """Run `python -m dtf.launch ARGS` to the end (a reference run); fail the test with its output unless it exits 0."""
-    launcher = Launcher(list(args), str(cwd))
-    try:
-        assert launcher.wait(timeout_s) == 0, launcher.output
-    finally:
-        launcher.cleanup()
-
-
-class Launcher:
-    """`python -m dtf.launch` in a subprocess; collects its output, the worker pids it announces, and every
-    descendant it has been seen with, so that the test can check all of them are gone."""
-
-    def __init__(self, args, cwd):
-        self.proc = subprocess.Popen([sys.executable, "-m", "dtf.launch", *args], cwd=cwd, env=_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines, self.workers = [], []  # workers: (role, pid, address) in start order
-        self.seen = set()  # psutil.Process: equal only for the same pid *and* start time
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            m = PID_LINE.search(line)
-            if m:
-                self.workers.append((m.group(1), int(m.group(2)), m.group(3)))
-                self.seen.add(_process(int(m.group(2))))
-                self.snapshot()
-
-    def snapshot(self):
-        try:
-            self.seen.update(psutil.Process(self.proc.pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-
-    def wait_for(self, pattern: str, timeout_s: float) -> str:
-        """The first output line so far matching `pattern`, waiting up to `timeout_s` for one."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            done = not self._reader.is_alive()
-            match = next((line for line in list(self.lines) if re.search(pattern, line)), None)
-            if match is not None:
-                return match
-            if done or time.monotonic() > deadline:
-                pytest.fail(f"no line matching {pattern!r}:\n" + "\n".join(self.lines[-60:]))
-            time.sleep(0.05)
-
-    def wait_for_mid_epoch_backup(self, model_dir, epoch: int, timeout_s: float):
-        """Until the chief's backup in `model_dir` is past step 0 of (0-based) `epoch`, while the launcher runs."""
-        metadata, deadline = model_dir / "backup" / "training_metadata.json", time.monotonic() + timeout_s
-        while True:
-            try:
-                backup = json.loads(metadata.read_text())
-            except (OSError, ValueError):  # not written yet, or caught mid-write
-                backup = {}
-            if backup.get("epoch") == epoch and backup.get("steps_done", 0) > 0:
-                return
-            assert time.monotonic() < deadline and self.proc.poll() is None, self.output
-            time.sleep(0.01)
-
-    def wait(self, timeout_s: float) -> int:
-        try:
-            status = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pytest.fail("launcher did not finish in time:\n" + "\n".join(self.lines[-60:]))
-        self._reader.join(timeout=10)  # the rest of its output
-        return status
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def leftovers(self):
-        return sorted(process.pid for process in list(self.seen) if _alive(process))
-
-    def cleanup(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        for process in list(self.seen):
-            if _alive(process):
-                process.kill()
-
-
-@pytest.fixture
-def start_launcher(tmp_path):
-    started = []
-
-    def start(*args):
-        started.append(Launcher(list(args), str(tmp_path)))
-        return started[-1]
-
-    yield start
-    for launcher in started:
-        launcher.cleanup()
+from helpers import REPO, alive, launch_env, max_weight_delta, process, write_script
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
@@ -181,7 +48,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, args, flag):
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=0", "--", "python", "x.py"],
-                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                          env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "dtf.launch: error: --num_workers must be >= 1, got 0; e.g. --num_workers=2"], proc.stderr
@@ -220,7 +87,7 @@ sys.exit(5)  # a crash: restarted while --max_restarts allows
 
 
 def test_failed_worker_stops_the_others_and_is_reported(start_launcher, tmp_path):
-    job = _script(tmp_path, "job.py", STUBBORN_CHIEF_FAILING_WORKER)
+    job = write_script(tmp_path, "job.py", STUBBORN_CHIEF_FAILING_WORKER)
     began = time.monotonic()
     launcher = start_launcher("--num_workers=2", "--max_restarts=1", "--", sys.executable, job)
     assert launcher.wait(60) == 5  # the failed worker's exit code, after the one restart
@@ -254,7 +121,7 @@ time.sleep(600)
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_to_the_launcher_stops_everyone(start_launcher, tmp_path, sig, status):
-    job = _script(tmp_path, "sleep.py", SLEEPERS)
+    job = write_script(tmp_path, "sleep.py", SLEEPERS)
     # These workers ignore SIGTERM: the launcher kills them once its --preemption_grace_s is over.
     launcher = start_launcher("--num_workers=2", "--preemption_grace_s=3", "--", sys.executable, job)
     launcher.wait_for(r"^\[worker 1\] UP", 60)
@@ -286,7 +153,7 @@ def _starts(err: str) -> int:
 
 @pytest.mark.parametrize("status, reason", [(2, "user error"), (3, "training diverged")])
 def test_user_error_and_divergence_are_never_restarted(tmp_path, capfd, status, reason):
-    job = _script(tmp_path, "exits.py", EXITS_BY_START)
+    job = write_script(tmp_path, "exits.py", EXITS_BY_START)
     assert launch.launch([sys.executable, job, str(status)], 2, max_restarts=3, timeout_s=60) == status
     err = capfd.readouterr().err
     assert _starts(err) == 1, err
@@ -294,7 +161,7 @@ def test_user_error_and_divergence_are_never_restarted(tmp_path, capfd, status, 
 
 
 def test_crash_restarts_up_to_max_restarts_and_preemption_does_not_count(tmp_path, capfd):
-    job = _script(tmp_path, "exits.py", EXITS_BY_START)
+    job = write_script(tmp_path, "exits.py", EXITS_BY_START)
     # 143, 1, 143, 1: two crashes use up --max_restarts=2, the two preemptions are free; the fifth start succeeds.
     assert launch.launch([sys.executable, job, "143,1,143,1"], 2, max_restarts=2, timeout_s=90) == 0
     err = capfd.readouterr().err
@@ -310,7 +177,7 @@ def test_typo_flag_under_max_restarts_runs_once_and_exits_2(tmp_path):
     """The real runner: a misspelt flag fails at parse time (no TensorFlow), once, whatever --max_restarts says."""
     proc = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=2", "--max_restarts=3", "--",
                            sys.executable, "-m", "dtf.run", "--epochs_typo=3", f"--model_dir={tmp_path / 'run'}"],
-                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(re.findall(r"launch: starting 2 worker\(s\)", proc.stderr)) == 1, proc.stderr
     assert "Unknown command line flag 'epochs_typo'" in proc.stdout + proc.stderr
@@ -346,7 +213,7 @@ def test_taken_port_is_retried_on_fresh_ports(tmp_path, capfd, monkeypatch):
 
     monkeypatch.setattr(cluster_lib, "free_ports", free_ports)
     try:
-        status = launch.launch([sys.executable, _script(tmp_path, "bind.py", BINDER)], 2, max_restarts=0,
+        status = launch.launch([sys.executable, write_script(tmp_path, "bind.py", BINDER)], 2, max_restarts=0,
                                timeout_s=60)
     finally:
         holder.close()
@@ -364,16 +231,17 @@ def test_timeout_bounds_the_whole_group(tmp_path, capfd, monkeypatch):
 
     def run_group(*args, **kwargs):
         on_start = kwargs["on_start"]
-        kwargs["on_start"] = lambda procs: (pids.extend(_process(p.pid) for p in procs), on_start(procs))
+        kwargs["on_start"] = lambda procs: (pids.extend(process(p.pid) for p in procs), on_start(procs))
         return real_run_group(*args, **kwargs)
 
     monkeypatch.setattr(launch.procs, "run_group", run_group)
     began = time.monotonic()
-    status = launch.launch([sys.executable, _script(tmp_path, "sleep.py", SLEEPERS)], 2, max_restarts=3, timeout_s=2)
+    status = launch.launch([sys.executable, write_script(tmp_path, "sleep.py", SLEEPERS)], 2, max_restarts=3,
+                           timeout_s=2)
     assert status == launch.TIMEOUT_STATUS
     assert time.monotonic() - began < 2 + 3 + 3  # the timeout, the SIGTERM grace, slack
     assert "--timeout=2s ran out; stopped all workers" in capfd.readouterr().err
-    assert len(pids) == 2 and not [p for p in pids if _alive(p)]
+    assert len(pids) == 2 and not [p for p in pids if alive(p)]
 
 
 def test_group_blames_the_worker_that_failed_first():
@@ -418,14 +286,9 @@ if TASK == 0:
 """
 
 
-def _weights(path):
-    with np.load(path) as f:
-        return [f[f"arr_{i}"] for i in range(len(f.files))]
-
-
 @pytest.mark.slow
 def test_sigkilled_worker_restarts_and_matches_uninterrupted_run(start_launcher, tmp_path, monkeypatch):
-    job = _script(tmp_path, "job.py", JOB)
+    job = write_script(tmp_path, "job.py", JOB)
     (tmp_path / "ref").mkdir()
     (tmp_path / "killed").mkdir()
     reference = start_launcher("--num_workers=2", "--timeout=150", "--", sys.executable, job, str(tmp_path / "ref"))
@@ -446,8 +309,7 @@ def test_sigkilled_worker_restarts_and_matches_uninterrupted_run(start_launcher,
     assert "restarting all 2 worker(s) on new ports (restart 1 of 1)" in out
     # The restarted group resumed from the epoch-end backup: only epochs 2 and 3 ran again.
     assert json.loads((tmp_path / "killed" / "run.json").read_text()) == {"epochs_run": 2, "restart": 1}
-    diff = max(float(np.max(np.abs(a - b))) for a, b in
-               zip(_weights(tmp_path / "killed" / "weights.npz"), _weights(tmp_path / "ref" / "weights.npz")))
+    diff = max_weight_delta(tmp_path / "killed" / "weights.npz", tmp_path / "ref" / "weights.npz")
     print(f"max |weights(killed+restarted) - weights(uninterrupted)| = {diff:.2e}")
     assert diff < 1e-5
     assert len(killed.workers) == 4 and killed.leftovers() == [] and reference.leftovers() == []
@@ -457,12 +319,6 @@ def _run_command(model_dir):
     return [sys.executable, "-m", "dtf.run", "--dataset=synthetic", "--model=mlp", "--epochs=2",
             "--steps_per_epoch=40", "--global_batch_size=32", "--validation_freq=10", "--backup_every_steps=5",
             f"--model_dir={model_dir}"]
-
-
-def _model_weights(model_dir):
-    import keras
-
-    return keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False).get_weights()
 
 
 @pytest.mark.slow
@@ -483,7 +339,7 @@ def test_dtf_run_resumes_mid_epoch_after_a_sigkill(start_launcher, tmp_path):
     assert "worker 1 (pid" in out and "died: killed by SIGKILL" in out
     resumed = re.search(r"resuming from the backup in .*: epoch 2, step (\d+)", out)
     assert resumed and 0 < int(resumed.group(1)) < 40, out
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(_model_weights(killed_dir), _model_weights(ref_dir)))
+    diff = max_weight_delta(killed_dir, ref_dir)
     print(f"dtf.run: resumed at epoch 2 step {resumed.group(1)}; max |Δw| vs uninterrupted = {diff:.2e}")
     assert diff < 1e-5
     assert killed.leftovers() == [] and reference.leftovers() == []
@@ -496,7 +352,7 @@ def test_diverged_run_under_the_launcher_exits_3_and_is_not_restarted(tmp_path):
                            "--strategy=one_device", "--num_cpu_devices=1", "--base_lr=1e6", "--optimizer=sgd",
                            "--epochs=1", "--steps_per_epoch=5", "--lr_schedule=constant",
                            f"--model_dir={tmp_path / 'run'}"],
-                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=320)
+                          env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=320)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert len(re.findall(r"launch: starting 1 worker\(s\)", proc.stderr)) == 1, proc.stderr
     assert "not restarting: exit status 3 (training diverged)" in proc.stderr

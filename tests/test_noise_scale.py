@@ -1,5 +1,5 @@
-"""The gradient noise scale (dtf.optim.noise_scale) on linear regression with Gaussian noise, where it is known in closed
-form; and `--measure_noise_scale` end to end (summary.json, TensorBoard, the one-replica error).
+"""The gradient noise scale (dtf.optim.noise_scale) on linear regression with Gaussian noise, where it is known in
+closed form; and `--measure_noise_scale` end to end (summary.json, TensorBoard, the one-replica error).
 
 Problem: x ~ N(0, I_d), y = x·w* + ε with ε ~ N(0, σ²), loss (x·w − y)², weights held at w = w* + δ (LR 0). The
 per-example gradient is 2(x xᵀδ − xε), so |G|² = 4|δ|² and tr(Σ) = 4((d+1)|δ|² + σ²d):

@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from test_launch import Launcher, _env, _script, launch_to_success
+from helpers import launch_env, launch_to_success, model_weights, max_weight_delta, write_script
 
 GRACE_S = 25.0  # dtf.base.exitcodes.PREEMPTION_GRACE_S, the workers' default --preemption_grace_s
 STOPPED = re.compile(r"preempted: stopped at epoch (\d+), step (\d+)")
@@ -28,29 +28,15 @@ def _run_command(model_dir, *extra):
             f"--model_dir={model_dir}", *extra]
 
 
-def _model_weights(model_dir):
-    import keras
-
-    return keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False).get_weights()
-
-
 def _assert_same_weights(a_dir, b_dir):
-    a, b = _model_weights(a_dir), _model_weights(b_dir)
-    diff = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    a, b = model_weights(a_dir), model_weights(b_dir)
+    diff = max_weight_delta(a, b)
     print(f"max |weights(preempted+resumed) - weights(uninterrupted)| = {diff:.1e}")
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b)), diff
 
 
 def _backup(model_dir):
     return json.loads((model_dir / "backup" / "training_metadata.json").read_text())
-
-
-@pytest.fixture
-def launchers(tmp_path):
-    started = []
-    yield lambda *args: started.append(Launcher(list(args), str(tmp_path))) or started[-1]
-    for launcher in started:
-        launcher.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +50,9 @@ def reference_2_workers(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", ["chief", "worker 1"])
 def test_sigterm_to_one_worker_stops_all_at_one_step_and_the_restart_matches(
-        reference_2_workers, launchers, tmp_path, victim):
+        reference_2_workers, start_launcher, tmp_path, victim):
     model_dir = tmp_path / "run"
-    job = launchers("--num_workers=2", "--max_restarts=0", "--timeout=200", "--", *_run_command(model_dir))
+    job = start_launcher("--num_workers=2", "--max_restarts=0", "--timeout=200", "--", *_run_command(model_dir))
     job.wait_for_mid_epoch_backup(model_dir, epoch=1, timeout_s=150)
     job.snapshot()
     role, pid, _ = job.workers[0 if victim == "chief" else 1]
@@ -95,12 +81,12 @@ def test_sigterm_to_one_worker_stops_all_at_one_step_and_the_restart_matches(
 
 @pytest.mark.slow
 def test_a_stuck_peer_ends_the_job_143_at_the_grace_and_it_resumes_from_the_last_backup(
-        reference_2_workers, launchers, tmp_path):
+        reference_2_workers, start_launcher, tmp_path):
     """Worker 1 is frozen (SIGSTOP) when the chief gets SIGTERM: no step can be agreed on, so the chief's watchdog
     exits 143 at --preemption_grace_s without a new backup; the restart resumes from the last whole one."""
     model_dir = tmp_path / "run"
-    job = launchers("--num_workers=2", "--preemption_grace_s=3", "--timeout=200", "--",
-                    *_run_command(model_dir, "--preemption_grace_s=5"))
+    job = start_launcher("--num_workers=2", "--preemption_grace_s=3", "--timeout=200", "--",
+                         *_run_command(model_dir, "--preemption_grace_s=5"))
     job.wait_for_mid_epoch_backup(model_dir, epoch=1, timeout_s=150)
     job.snapshot()
     os.kill(job.workers[1][1], signal.SIGSTOP)
@@ -130,7 +116,7 @@ def test_sigterm_to_a_mirrored_process_backs_up_at_its_step_and_the_rerun_matche
     rerun resumes at that step and ends with the uninterrupted run's weights exactly."""
     def start(model_dir):
         return subprocess.Popen(_run_command(model_dir, "--strategy=mirrored", "--num_cpu_devices=2"), cwd=tmp_path,
-                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     reference = start(tmp_path / "ref")
     assert reference.wait(200) == 0, reference.stdout.read()
@@ -180,10 +166,10 @@ time.sleep(60)
 
 
 @pytest.mark.parametrize("how", ["launcher_sigterm", "worker_exits_143"])
-def test_launcher_gives_workers_the_grace_period_to_back_up(launchers, tmp_path, how):
-    job_file = _script(tmp_path, "backs_up.py", BACKS_UP)
-    job = launchers("--num_workers=2", "--preemption_grace_s=10", "--", sys.executable, job_file, str(tmp_path),
-                    "self" if how == "worker_exits_143" else "wait")
+def test_launcher_gives_workers_the_grace_period_to_back_up(start_launcher, tmp_path, how):
+    job_file = write_script(tmp_path, "backs_up.py", BACKS_UP)
+    job = start_launcher("--num_workers=2", "--preemption_grace_s=10", "--", sys.executable, job_file, str(tmp_path),
+                         "self" if how == "worker_exits_143" else "wait")
     job.wait_for(r"^\[chief\] UP", 60)
     if how == "launcher_sigterm":  # passed on to every worker, each gets the time to back up; the launcher exits 143
         job.wait_for(r"^\[worker 1\] UP", 10)
@@ -202,6 +188,6 @@ def test_launcher_gives_workers_the_grace_period_to_back_up(launchers, tmp_path,
 
 def test_launcher_rejects_a_non_positive_grace(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=2", "--preemption_grace_s=0", "--",
-                           sys.executable], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                           sys.executable], env=launch_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["dtf.launch: error: --preemption_grace_s must be > 0 seconds, got 0"]

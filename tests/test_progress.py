@@ -1,5 +1,5 @@
-"""dtf.experiment.progress: on a terminal a redrawn bar with steps and examples/s (of the global batch); elsewhere exactly one
-line per epoch with examples/s; dtf.predict's bar over its examples ends in its summary line."""
+"""dtf.experiment.progress: on a terminal a redrawn bar with steps and examples/s (of the global batch); elsewhere
+exactly one line per epoch with examples/s; dtf.predict's bar over its examples ends in its summary line."""
 import io
 import re
 

@@ -10,9 +10,9 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
+from helpers import max_weight_delta
 from netns import LoopbackNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,12 +68,6 @@ def _python(netns, tmp_path, code, env):
                           capture_output=True, text=True, timeout=300)
 
 
-def _weights(model_dir):
-    import keras
-
-    return keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False).get_weights()
-
-
 def _worker_lines(output):
     return [line for line in output.splitlines() if line.startswith(("[chief] ", "[worker 1] "))]
 
@@ -104,8 +98,7 @@ def test_ray_runs_the_readme_command_in_the_launch_directory(netns, tmp_path):
     assert sum(line.startswith("[chief] dtf: done in ") for line in ray_lines) == 1
     for noise in ("Failed to query", "RayTrainWorker", "TrainController", "PlacementGroupCleaner", "Traceback"):
         assert noise not in out, out[-4000:]
-    diff = max(float(np.max(np.abs(a - b)))
-               for a, b in zip(_weights(tmp_path / "runs" / "ray"), _weights(tmp_path / "runs" / "local")))
+    diff = max_weight_delta(tmp_path / "runs" / "ray", tmp_path / "runs" / "local")
     print(f"ray: max |Δw| vs dtf.launch = {diff:.2e}")
     assert diff < 1e-5
 

@@ -7,8 +7,8 @@ import keras
 import tensorflow as tf
 
 from dtf.config import config as config_lib
-from dtf import tune
 from dtf.experiment import train
+from dtf.tuning import results, space, trial_files
 
 QUICK = dict(dataset="synthetic/8x8x1", model="mlp", strategy="one_device", num_cpu_devices=1, global_batch_size=16,
              steps_per_epoch=3, log_every_steps=1, warmup_epochs=0, backup_every_steps=2, checkpoint_every=1)
@@ -51,12 +51,12 @@ def test_tune_results_on_a_remote_filesystem():
     rows = [{"trial": "0", "global_batch_size": 16, "base_lr": 0.1, "warmup_epochs": 0.0, "lr_scaling": "linear",
              "peak_lr": 0.1, "objective": 0.5, "epochs_run": 1, "wall_time_s": 1.0, "status": "completed",
              "tuner": ""}]
-    tune.write_results(rows, tune_dir)
+    results.write_results(rows, tune_dir)
     assert _read(f"{tune_dir}/results.csv").splitlines()[0].startswith("trial,global_batch_size")
-    path = tune.write_best_flags(rows[0], tune_dir, config_lib.Config(model_dir="x"))
+    path = results.write_best_flags(rows[0], tune_dir, config_lib.Config(model_dir="x"))
     assert "--global_batch_size=16" in _read(path)
-    assert tune.plot(rows, tune_dir, "val_accuracy") and tf.io.gfile.exists(f"{tune_dir}/objective_vs_batch.png")
-    tune._write_info(tune_dir, "0", {"status": "completed"})
-    assert tune._read_info(tune_dir, "0") == {"status": "completed"}
-    tune._check_signature(tune_dir, {"space": 1}, write=True)
-    tune._check_signature(tune_dir, {"space": 1}, write=False)  # the same sweep: accepted
+    assert results.plot(rows, tune_dir, "val_accuracy") and tf.io.gfile.exists(f"{tune_dir}/objective_vs_batch.png")
+    trial_files.write_info(tune_dir, "0", {"status": "completed"})
+    assert trial_files.read_info(tune_dir, "0") == {"status": "completed"}
+    space.check_signature(tune_dir, {"space": 1}, write=True)
+    space.check_signature(tune_dir, {"space": 1}, write=False)  # the same sweep: accepted

@@ -1,6 +1,6 @@
-"""Reruns on a model_dir that holds a run (dtf.experiment.rundir): a finished run is left as it is, more epochs continue it, a
-different plan is refused (or moved aside with --restart), a diverged run is resumed only from a finite backup, and
-one run at a time holds the directory."""
+"""Reruns on a model_dir that holds a run (dtf.experiment.rundir): a finished run is left as it is, more epochs continue
+it, a different plan is refused (or moved aside with --restart), a diverged run is resumed only from a finite backup,
+and one run at a time holds the directory."""
 import hashlib
 import json
 import os
@@ -18,6 +18,7 @@ from dtf.experiment import rundir
 from dtf.experiment import train
 from dtf.config import config as config_lib
 from dtf.base.errors import UserError
+from helpers import model_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = dict(dataset="synthetic/8x8x1", model="mlp", strategy="one_device", global_batch_size=16, steps_per_epoch=4,
@@ -91,7 +92,8 @@ def test_rerun_leaves_finished_run_continues_with_more_epochs_and_refuses_anothe
 
 
 def _step_lrs(run):
-    """{optimizer step: learning rate} of the step-level TensorBoard scalars (dtf.experiment.summaries.TrainingScalars)."""
+    """{optimizer step: learning rate} of the step-level TensorBoard scalars
+    (dtf.experiment.summaries.TrainingScalars)."""
     import tensorflow as tf
 
     out = {}
@@ -113,19 +115,13 @@ def test_fewer_epochs_than_trained_are_refused(tmp_path):
 def test_a_run_that_trained_every_epoch_but_wrote_no_outputs_writes_them_from_its_backup(tmp_path):
     model_dir = tmp_path / "run"
     first = train.run_experiment(config_lib.Config(model_dir=str(model_dir), epochs=1, **QUICK))
-    weights = np.concatenate([w.ravel() for w in _load(model_dir / "model.keras")])
+    weights = np.concatenate([w.ravel() for w in model_weights(model_dir / "model.keras")])
     for name in ("model.keras", "summary.json", "flags.txt"):  # as if killed before the export
         (model_dir / name).unlink()
     again = train.run_experiment(config_lib.Config(model_dir=str(model_dir), epochs=1, **QUICK))
     assert again["history"] == {} and again["resumed_from"] == [1, 0]
     assert again["final_metrics"]["val_loss"] == pytest.approx(first["final_metrics"]["val_loss"], rel=1e-6)
-    assert np.array_equal(np.concatenate([w.ravel() for w in _load(model_dir / "model.keras")]), weights)
-
-
-def _load(path):
-    import keras
-
-    return keras.models.load_model(path).get_weights()
+    assert np.array_equal(np.concatenate([w.ravel() for w in model_weights(model_dir / "model.keras")]), weights)
 
 
 class Separable(dtf.Task):

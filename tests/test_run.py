@@ -2,14 +2,15 @@
 server, one_device vs mirrored weights, multi-worker, and one-line errors for bad input."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
+
+from dtf.cluster.tf_config import free_ports
+from helpers import max_weight_delta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_FLAGS = os.path.join(REPO, "experiments", "shapes_mirrored.flags")
@@ -59,15 +60,9 @@ def test_flags_txt_reruns_to_the_same_result(default_run, tmp_path):
     assert second["val_accuracy"] == pytest.approx(first["val_accuracy"], abs=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tensorboard_server_shows_the_scalars(default_run):
     model_dir, _ = default_run
-    port = _free_port()
+    port = free_ports(1)[0]
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", f"--logdir={model_dir / 'tensorboard'}",
                                "--host=127.0.0.1", f"--port={port}", "--load_fast=false"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,19 +101,13 @@ def test_tensorboard_server_shows_the_scalars(default_run):
         server.wait()
 
 
-def _weights(path):
-    import keras
-    return keras.models.load_model(path).get_weights()
-
-
 def test_one_device_equals_mirrored_at_the_same_global_batch(tmp_path):
     common = [f"--flagfile={DEFAULT_FLAGS}", "--model=mlp", "--global_batch_size=64", *QUICK]
     one = run([*common, "--strategy=one_device", "--num_cpu_devices=1", f"--model_dir={tmp_path / 'one'}"])
     four = run([*common, "--strategy=mirrored", "--num_cpu_devices=4", f"--model_dir={tmp_path / 'four'}"])
     assert one.returncode == 0, one.stderr[-2000:]
     assert four.returncode == 0, four.stderr[-2000:]
-    a, b = _weights(tmp_path / "one" / "model.keras"), _weights(tmp_path / "four" / "model.keras")
-    assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) < 1e-5
+    assert max_weight_delta(tmp_path / "one" / "model.keras", tmp_path / "four" / "model.keras") < 1e-5
 
 
 @pytest.mark.slow
@@ -140,8 +129,7 @@ def test_multi_worker_run_matches_single_device(tmp_path):
     assert s2["num_workers"] == 2 and s2["num_replicas"] == 2 and s2["global_batch_size"] == 64
     for key in ("loss", "val_loss", "val_accuracy"):
         assert s2["final_metrics"][key] == pytest.approx(s1["final_metrics"][key], abs=1e-4), key
-    a, b = _weights(tmp_path / "single" / "model.keras"), _weights(tmp_path / "multi" / "model.keras")
-    assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) < 1e-5
+    assert max_weight_delta(tmp_path / "single" / "model.keras", tmp_path / "multi" / "model.keras") < 1e-5
     # Only the chief wrote: the model_dir holds exactly the chief's outputs.
     assert sorted(os.listdir(tmp_path / "multi")) == ["backup", "flags.txt", "model.keras", "summary.json",
                                                       "tensorboard"]

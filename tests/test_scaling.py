@@ -21,6 +21,7 @@ import tensorflow as tf
 from dtf.config.batch_plan import BatchPlan
 from dtf.optim import scaling
 from dtf.base.errors import UserError
+from helpers import RecordLR, constant_gradient_model, mirrored_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,28 +224,6 @@ def test_accumulation_matches_one_large_batch(kind, momentum):
     assert max(np.abs(a - l).max() for a, l in zip(accumulated, large)) < 1e-5
 
 
-def constant_gradient_model(optimizer):
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
-    # Per-example loss: Keras averages it over the global batch. (A scalar-returning loss is not divided by the
-    # replica count under MirroredStrategy in Keras 3.15, so its gradient would be replicas × too large.)
-    model.compile(optimizer, loss=lambda y_true, y_pred: y_pred)
-    return model
-
-
-class RecordLR(keras.callbacks.Callback):
-    """current_lr before each batch and the kernel after it."""
-
-    def __init__(self):
-        super().__init__()
-        self.lrs, self.kernels = [], []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.lrs.append(scaling.current_lr(self.model.optimizer))
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.kernels.append(float(self.model.get_weights()[0][0, 0]))
-
-
 def test_accumulation_schedule_counts_updates():
     """dtf's accumulation evaluates the schedule at the update counter and applies it on every k-th batch, so a
     schedule built in updates (as Experiment builds it) is followed update by update."""
@@ -270,7 +249,7 @@ import dtf
 strategy = dtf.create_strategy("mirrored", num_cpu_devices=4)  # before any other TF op
 import keras, numpy as np, tensorflow as tf
 sys.path.insert(0, {tests!r})
-from test_scaling import RecordLR, constant_gradient_model, mirrored_schedule
+from helpers import RecordLR, constant_gradient_model, mirrored_schedule
 from dtf.optim import scaling
 
 ds = tf.data.Dataset.from_tensors((np.ones(2, "float32"), np.zeros(1, "float32"))).repeat(12 * 8).batch(8)
@@ -288,11 +267,6 @@ except Exception as e:  # pylint: disable=broad-except
     out["accumulation_error"] = f"{{type(e).__name__}}: {{e}}"
 print(json.dumps(out))
 """
-
-
-def mirrored_schedule():
-    return scaling.build_schedule("cosine", peak_lr=0.4, total_steps=12, steps_per_epoch=4, warmup_epochs=1,
-                                  warmup_start_lr=0.1, final_lr=0.04)
 
 
 @pytest.fixture(scope="module")

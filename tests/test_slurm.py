@@ -7,57 +7,15 @@ failure instead, so a missing install step cannot pass unnoticed."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from dtf.cluster.tf_config import free_ports
+from helpers import REPO, SLURM_RUN, emit_slurm, max_weight_delta, slurm_env, submit
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-
-
-def _unavailable(why: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"Slurm is needed in CI but {why}")
-    pytest.skip(f"real Slurm unavailable: {why}")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    why = SlurmCluster.unavailable()
-    if why:
-        _unavailable(why)
-    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
-    try:
-        cluster.__enter__()
-    except SlurmUnavailable as e:
-        _unavailable(str(e))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def _env(slurm, **extra):
-    return slurm.env(PYTHONPATH=REPO, PATH=os.path.dirname(sys.executable) + os.pathsep + slurm.env()["PATH"],
-                     **extra)
-
-
-def _emit(*args) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dtf.launch", "--emit=slurm", *args], capture_output=True,
-                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-def _submit(slurm, script: str, path, env=None) -> str:
-    path.write_text(script)
-    out = slurm.run(["sbatch", "--parsable", str(path)], env=env or _env(slurm), cwd=str(path.parent)).stdout
-    return out.strip().split(";")[0]
 
 
 # Task 1 decides the step's status from the start count and the requeue count; task 0 succeeds.
@@ -99,26 +57,25 @@ def test_exit_statuses_rerun_requeue_and_taken_port(slurm, tmp_path):
         path.write_text(STUB.replace("{STATUSES}", repr(statuses)))
         return str(path)
 
-    rerun = _submit(slurm, _emit("--num_workers=2", "--nodes=1", "--max_restarts=1", f"--output={tmp_path}/rerun.log",
-                                 "--", "python", stub("rerun", {(0, 0): 1, (0, 1): 143})), tmp_path / "rerun.sbatch")
-    usage = _submit(slurm, _emit("--num_workers=2", "--tasks_per_node=2", "--max_restarts=3",
-                                 f"--output={tmp_path}/usage.log", "--", "python", stub("usage", {(0, 0): 2})),
-                    tmp_path / "usage.sbatch")
-    diverged = _submit(slurm, _emit("--num_workers=2", "--nodes=1", "--max_restarts=2",
-                                    f"--output={tmp_path}/diverged.log", "--", "python", str(_diverging(tmp_path))),
-                       tmp_path / "diverged.sbatch")
-    with socket.socket() as probe:  # a port that is free in the namespace: any port is, it is private
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    rerun = submit(slurm, emit_slurm("--num_workers=2", "--nodes=1", "--max_restarts=1",
+                                     f"--output={tmp_path}/rerun.log", "--", "python",
+                                     stub("rerun", {(0, 0): 1, (0, 1): 143})), tmp_path / "rerun.sbatch")
+    usage = submit(slurm, emit_slurm("--num_workers=2", "--tasks_per_node=2", "--max_restarts=3",
+                                     f"--output={tmp_path}/usage.log", "--", "python", stub("usage", {(0, 0): 2})),
+                   tmp_path / "usage.sbatch")
+    diverged = submit(slurm, emit_slurm("--num_workers=2", "--nodes=1", "--max_restarts=2",
+                                        f"--output={tmp_path}/diverged.log", "--", "python", str(_diverging(tmp_path))),
+                      tmp_path / "diverged.sbatch")
+    port = free_ports(1)[0]  # free in the namespace too: any port is, it is private
     holder = slurm.start_in_ns([sys.executable, "-c", f"import socket, time; s = socket.socket(); "
                                 f"s.bind(('0.0.0.0', {port})); s.listen(); print('held', flush=True); time.sleep(300)"],
                                "port_holder.out")
     try:
         log = os.path.join(slurm.dir, "port_holder.out")
         slurm._wait(lambda: open(log).read().startswith("held"), "the port holder")
-        taken = _submit(slurm, _emit("--num_workers=2", "--nodes=1", f"--output={tmp_path}/taken.log", "--",
-                                     "python", "-c", "import os; print('ran', os.environ['SLURM_PROCID'])"), tmp_path / "taken.sbatch",
-                        env=_env(slurm, DTF_SLURM_PORT=str(port)))
+        taken = submit(slurm, emit_slurm("--num_workers=2", "--nodes=1", f"--output={tmp_path}/taken.log", "--",
+                                         "python", "-c", "import os; print('ran', os.environ['SLURM_PROCID'])"),
+                       tmp_path / "taken.sbatch", env=slurm_env(slurm, DTF_SLURM_PORT=str(port)))
         jobs = slurm.wait_jobs([rerun, usage, taken, diverged], timeout_s=150)
         print("jobs:", {j: (v["SubmitTime"], v["StartTime"], v["EndTime"]) for j, v in jobs.items()})
     finally:
@@ -153,26 +110,16 @@ def test_exit_statuses_rerun_requeue_and_taken_port(slurm, tmp_path):
     assert "0: stopped by SIGTERM" in log and "not rerunning" in log
 
 
-RUN = ["python", "-m", "dtf.run", "--dataset=synthetic", "--model=mlp", "--epochs=2", "--steps_per_epoch=10",
-       "--global_batch_size=32", "--input_sharding=batch", "--validation_freq=10", "--cluster_timeout=60"]
-
-
-def _weights(model_dir):
-    import keras
-
-    return keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False).get_weights()
-
-
 def test_two_concurrent_jobs_each_match_the_local_launcher(slurm, tmp_path):
     """The same dtf.run as 2 tasks on one node, twice at once (no port collision), and under `python -m dtf.launch`:
     one cluster per job, the same final weights and metrics."""
     jobs = {}
     for name in ("a", "b"):
-        script = _emit("--num_workers=2", "--nodes=1", "--tasks_per_node=2", f"--job_name=dtf-{name}",
-                       f"--output={tmp_path}/{name}.log", "--", *RUN, f"--model_dir={tmp_path}/{name}")
-        jobs[name] = _submit(slurm, script, tmp_path / f"{name}.sbatch")
-    local = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=2", "--timeout=300", "--", *RUN,
-                            f"--model_dir={tmp_path}/local"], capture_output=True, text=True, timeout=330,
+        script = emit_slurm("--num_workers=2", "--nodes=1", "--tasks_per_node=2", f"--job_name=dtf-{name}",
+                            f"--output={tmp_path}/{name}.log", "--", *SLURM_RUN, f"--model_dir={tmp_path}/{name}")
+        jobs[name] = submit(slurm, script, tmp_path / f"{name}.sbatch")
+    local = subprocess.run([sys.executable, "-m", "dtf.launch", "--num_workers=2", "--timeout=300", "--",
+                            *SLURM_RUN, f"--model_dir={tmp_path}/local"], capture_output=True, text=True, timeout=330,
                            env=dict(os.environ, PYTHONPATH=REPO), cwd=str(tmp_path))
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     ended = slurm.wait_jobs(list(jobs.values()), timeout_s=300)
@@ -201,8 +148,7 @@ def test_two_concurrent_jobs_each_match_the_local_launcher(slurm, tmp_path):
     assert {"loss", "val_loss", "val_accuracy"} <= set(reference)
     for name in jobs:
         assert metrics(name) == pytest.approx(reference, abs=1e-6), name
-        diff = max(float(np.max(np.abs(x - y))) for x, y in zip(_weights(tmp_path / name),
-                                                                  _weights(tmp_path / "local")))
+        diff = max_weight_delta(tmp_path / name, tmp_path / "local")
         print(f"slurm job {name}: max |Δw| vs dtf.launch = {diff:.2e}")
         assert diff < 1e-6
 
@@ -211,10 +157,10 @@ def test_evaluator_step_scores_every_checkpoint_once(slurm, tmp_path):
     """--evaluator with --emit=slurm: the evaluator runs as its own step beside the 2 workers, scores each epoch's
     checkpoint exactly once and the job completes only after eval_results.json has them all."""
     model_dir = tmp_path / "run"
-    run = [*RUN, "--checkpoint_every=1", f"--model_dir={model_dir}"]
-    script = _emit("--num_workers=2", "--nodes=1", "--tasks_per_node=2", f"--output={tmp_path}/eval.log",
-                   f"--evaluator={' '.join(run)}", "--", *run)
-    job = _submit(slurm, script, tmp_path / "eval.sbatch")
+    run = [*SLURM_RUN, "--checkpoint_every=1", f"--model_dir={model_dir}"]
+    script = emit_slurm("--num_workers=2", "--nodes=1", "--tasks_per_node=2", f"--output={tmp_path}/eval.log",
+                        f"--evaluator={' '.join(run)}", "--", *run)
+    job = submit(slurm, script, tmp_path / "eval.sbatch")
     ended = slurm.wait_jobs([job], timeout_s=300)
     log = (tmp_path / "eval.log").read_text()
     assert ended[job]["JobState"] == "COMPLETED", log[-3000:]

@@ -14,16 +14,16 @@ import time
 import numpy as np
 import pytest
 
-from test_slurm import RUN, REPO, _emit, _submit, _weights, slurm  # noqa: F401  (slurm: the fixture)
+from helpers import REPO, SLURM_RUN, emit_slurm, max_weight_delta, model_weights, submit
 
 pytestmark = pytest.mark.slow
-PREEMPTED_RUN = [*RUN, "--steps_per_epoch=40", "--backup_every_steps=5"]  # later flags win
+PREEMPTED_RUN = [*SLURM_RUN, "--steps_per_epoch=40", "--backup_every_steps=5"]  # later flags win
 
 
 def test_scancel_signal_term_stops_both_tasks_at_one_step_requeues_and_resumes_exactly(slurm, tmp_path):
     model_dir, log_path = tmp_path / "job", tmp_path / "job.log"
-    job = _submit(slurm, _emit("--num_workers=2", "--nodes=1", "--tasks_per_node=2", f"--output={log_path}", "--",
-                               *PREEMPTED_RUN, f"--model_dir={model_dir}"), tmp_path / "job.sbatch")
+    job = submit(slurm, emit_slurm("--num_workers=2", "--nodes=1", "--tasks_per_node=2", f"--output={log_path}", "--",
+                                   *PREEMPTED_RUN, f"--model_dir={model_dir}"), tmp_path / "job.sbatch")
     local = subprocess.Popen([sys.executable, "-m", "dtf.launch", "--num_workers=2", "--timeout=300", "--",
                               *PREEMPTED_RUN, f"--model_dir={tmp_path / 'local'}"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONPATH=REPO),
@@ -59,7 +59,7 @@ def test_scancel_signal_term_stops_both_tasks_at_one_step_requeues_and_resumes_e
     assert f"0: dtf: resuming from the backup in {model_dir}/backup: epoch 2, step {step}" in log
     print(f"slurm: scancel --signal=TERM → both tasks stopped at epoch 2 step {step}; step ended 143 and the job "
           f"was requeued {took:.1f}s after the signal")
-    a, b = _weights(model_dir), _weights(tmp_path / "local")
-    diff = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    a, b = model_weights(model_dir), model_weights(tmp_path / "local")
+    diff = max_weight_delta(a, b)
     print(f"slurm preempted+requeued vs dtf.launch uninterrupted: max |Δw| = {diff:.1e}")
     assert all(np.array_equal(x, y) for x, y in zip(a, b)), diff

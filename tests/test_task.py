@@ -14,6 +14,7 @@ from dtf.experiment import task as task_lib
 from dtf.config.config import Config
 from dtf.config import specs
 from dtf.base.errors import UserError
+from helpers import max_weight_delta
 
 TOL = 1e-5
 
@@ -31,10 +32,6 @@ def trained_weights(task, strategy, tmp_path, **overrides):
     return model.get_weights(), exp
 
 
-def max_diff(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
-
-
 @pytest.fixture(scope="module")
 def strategies(mirrored4):
     return {"one": dtf.create_strategy("one_device"), "four": mirrored4}
@@ -50,10 +47,10 @@ def test_task_trains_the_same_on_one_device_and_four_replicas(strategies, tmp_pa
     one, exp = trained_weights(task, strategies["one"], tmp_path / "one", base_lr=lr)
     four, _ = trained_weights(task, strategies["four"], tmp_path / "four", base_lr=lr)
     assert exp.steps_per_epoch == 10
-    diff = max_diff(one, four)
+    diff = max_weight_delta(one, four)
     print(f"loss {kind}: max |w(1 device) - w(4 replicas)| after 10 steps = {diff:.2e}")
     assert diff < TOL
-    assert max_diff(one, tasks_for_tests.Regression(kind).build_model().get_weights()) > 1e-3  # it did train
+    assert max_weight_delta(one, tasks_for_tests.Regression(kind).build_model().get_weights()) > 1e-3  # it did train
 
 
 def test_scalar_mean_loss_is_off_by_the_replica_count_without_the_correction(strategies, tmp_path, monkeypatch):
@@ -63,7 +60,7 @@ def test_scalar_mean_loss_is_off_by_the_replica_count_without_the_correction(str
     one, _ = trained_weights(task, strategies["one"], tmp_path / "one", validation_freq=2)
     monkeypatch.setattr(losses, "for_replicas", lambda loss, *args, **kwargs: loss)
     four, _ = trained_weights(task, strategies["four"], tmp_path / "four", validation_freq=2)
-    assert max_diff(one, four) > 1e-3
+    assert max_weight_delta(one, four) > 1e-3
 
 
 def test_reduction_is_read_off_a_real_batch():

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_launch import Launcher, launch_to_success
+from helpers import Launcher, launch_to_success, max_weight_delta, model_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_TASK = f"{REPO}/tests/tasks_for_tests.py:Regression"
@@ -30,15 +30,9 @@ def summary(model_dir):
 
 
 def weights(path):
-    import keras
-
     import tasks_for_tests  # noqa: F401  (registers the task's losses)
 
-    return keras.models.load_model(str(path), compile=False).get_weights()
-
-
-def max_diff(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    return model_weights(path)
 
 
 def test_readme_task_example_runs_as_written(tmp_path):
@@ -131,8 +125,9 @@ def task_runs(tmp_path_factory):
 def test_task_matches_one_device_and_is_bit_exact_at_the_same_replica_count(task_runs):
     after_10 = {name: weights(task_runs / name / "checkpoints" / "epoch_001.keras")
                 for name in ("one", "four", "workers")}
-    four, workers = max_diff(after_10["four"], after_10["one"]), max_diff(after_10["workers"], after_10["one"])
-    final = max_diff(weights(task_runs / "workers" / "model.keras"), weights(task_runs / "two" / "model.keras"))
+    four = max_weight_delta(after_10["four"], after_10["one"])
+    workers = max_weight_delta(after_10["workers"], after_10["one"])
+    final = max_weight_delta(weights(task_runs / "workers" / "model.keras"), weights(task_runs / "two" / "model.keras"))
     print(f"after 10 steps vs one device: mirrored×4 {four:.2e}, 2 workers {workers:.2e}; "
           f"after 3 epochs, 2 workers vs mirrored×2: {final:.2e}")
     assert four < 1e-5 and workers < 1e-5
@@ -157,13 +152,14 @@ def test_sigkilled_worker_resumes_the_task_to_the_uninterrupted_result(task_runs
         launcher.cleanup()
     resumed = re.search(r"resuming from the backup in .*: epoch 2, step (\d+)", launcher.output)
     assert resumed and 0 < int(resumed.group(1)) < 10, launcher.output
-    diff = max_diff(weights(killed_dir / "model.keras"), weights(task_runs / "workers" / "model.keras"))
+    diff = max_weight_delta(weights(killed_dir / "model.keras"), weights(task_runs / "workers" / "model.keras"))
     print(f"task resumed at epoch 2 step {resumed.group(1)}; max |Δw| vs uninterrupted = {diff:.2e}")
     assert diff < 1e-5
     assert launcher.leftovers() == []
 
 
-# --- dtf.tune on a user task with a regression objective ---------------------------------------------------------------
+# --- dtf.tune on a user task with a regression objective
+# ---------------------------------------------------------------
 
 @pytest.mark.slow
 def test_tune_task_on_a_regression_objective_and_train_the_best(tmp_path):

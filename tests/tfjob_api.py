@@ -5,8 +5,8 @@ Checked, as the API server would with strict field validation (kubectl's default
 exists in the API at its place (an unknown field is an error), every value has the field's type, and required fields
 are present (the models' own client-side validation). Added by hand, because the models keep them only in prose
 (training-operator `pkg/apis/kubeflow.org/v1/common_types.go`, `tensorflow_types.go`, `tensorflow_validation.go`):
-restartPolicy's and cleanPodPolicy's values, the TF replica types, and the operator's webhook rules (a DNS-1035 job name, one container
-named "tensorflow" with an image in every replica, at most one chief).
+restartPolicy's and cleanPodPolicy's values, the TF replica types, and the operator's webhook rules (a DNS-1035 job
+name, one container named "tensorflow" with an image in every replica, at most one chief).
 """
 import re
 from typing import Any, List

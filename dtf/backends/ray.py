@@ -54,7 +54,8 @@ def _missing_directory(cwd: str) -> Optional[str]:
         return None
     import ray
 
-    return (f"dtf.backends.ray: error: the launch directory {cwd} does not exist on Ray node {ray.util.get_node_ip_address()}; "
+    return (f"dtf.backends.ray: error: the launch directory {cwd} does not exist on Ray node "
+            f"{ray.util.get_node_ip_address()}; "
             "the command runs there, with relative paths taken from it: start dtf.launch in a directory every Ray "
             "node has (the same path on shared storage)")
 
@@ -86,8 +87,8 @@ def _train_loop(config: dict):
     status = proc.wait()
     status = 128 - status if status < 0 else status
     if exitcodes.should_restart(status):
-        ray.get(hub.say.remote(f"dtf.backends.ray: {role(rank)} exited with status {status}; Ray Train restarts the group "
-                               "while --max_restarts allows"))
+        ray.get(hub.say.remote(f"dtf.backends.ray: {role(rank)} exited with status {status}; Ray Train restarts the "
+                               "group while --max_restarts allows"))
         raise RuntimeError(f"dtf.backends.ray: {role(rank)} exited with status {status}")
     ray.get(hub.set.remote(rank, status))  # 0, or 2/3: never retried
 
@@ -167,9 +168,18 @@ def _init_local(ray, num_workers: int, quiet: dict):
 
 def fit(command: Union[Sequence[str], "Config"], num_workers: int, *, address: Optional[str] = None,
         use_gpu: bool = False, max_restarts: int = 0, cwd: Optional[str] = None) -> int:
-    """Run `command` (e.g. `[sys.executable, "-m", "dtf.run", "--flagfile=exp.flags"]`, or a dtf Config) on
-    `num_workers` Ray Train workers, in `cwd` (default: this process's working directory) on every node; return
-    dtf's exit status: 0, 2/3 from the workers, or 1 when Ray Train gave up after `max_restarts`."""
+    """Run a dtf command as one multi-worker job on Ray Train workers; return dtf's exit status: 0, 2/3 from the
+    workers, or 1 when Ray Train gave up after `max_restarts`.
+
+    Args:
+        command: argv, e.g. `[sys.executable, "-m", "dtf.run", "--flagfile=exp.flags"]`, or a dtf Config.
+        num_workers: Ray Train workers, one dtf worker each (TF_CONFIG is Ray's).
+        address: a running Ray cluster (HOST:PORT, ray://HOST:10001 or auto); default: start a local instance.
+        use_gpu: give each worker a GPU.
+        max_restarts: whole-group restarts after a crash (Ray Train's FailureConfig); 2 and 3 are never retried.
+        cwd: the directory the command runs in on every node (relative paths resolve there); default: this
+            process's working directory.
+    """
     if hasattr(command, "to_flagfile"):
         command = run_command(command)
     try:

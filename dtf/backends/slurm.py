@@ -6,10 +6,10 @@ replicas, with one gRPC server and one input pipeline per node and the in-node a
 tasks per node suit CPU nodes (or one process per GPU); with `--gres=gpu:G` each task is then bound to its own G/T
 GPUs (`srun --gpu-bind=per_task:G/T`).
 
-Each task runs `python -m dtf.backends.slurm_task -- <command>`, which sets TF_CONFIG with ports chosen per job and reports the
-command's exit status. srun's `--label` prefixes every line with its task number (0 is the chief). The step's status is
-that of the task that failed first (srun's own is the highest of all tasks: a peer stopped by SIGTERM after another
-failed would turn a user error into a preemption), and the step reruns by dtf's exit-status table
+Each task runs `python -m dtf.backends.slurm_task -- <command>`, which sets TF_CONFIG with ports chosen per job and
+reports the command's exit status. srun's `--label` prefixes every line with its task number (0 is the chief). The
+step's status is that of the task that failed first (srun's own is the highest of all tasks: a peer stopped by SIGTERM
+after another failed would turn a user error into a preemption), and the step reruns by dtf's exit-status table
 (dtf.base.exitcodes): never after 2 (user error) or 3 (diverged); after a crash up to --max_restarts times; after 143
 (preempted, or SIGTERM before the time limit, which the script asks for) the job is requeued, uncounted. Resuming
 needs `model_dir` on a filesystem every node shares.
@@ -24,7 +24,7 @@ eval_results.json), counted against --max_restarts; a requeue or the workers' fi
 import math
 import re
 import shlex
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from dtf.base import exitcodes
 from dtf.base.errors import UserError
@@ -90,16 +90,10 @@ def _check_name(flag: str, value: Optional[str], example: str):
         raise UserError(f"{flag}={value!r} has characters Slurm does not take here; use e.g. {flag}={example}")
 
 
-def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Optional[int] = None,
-           tasks_per_node: Optional[int] = None, gres: Optional[str] = None, time: Optional[str] = None,
-           timeout_s: Optional[float] = None, partition: Optional[str] = None, output: Optional[str] = None,
-           max_restarts: Optional[int] = None, evaluator: Optional[Sequence[str]] = None,
-           data_service_workers: Optional[int] = None) -> str:
-    """The sbatch script running `command` as `num_workers` tasks in one srun step (and `evaluator`, if given, as a
-    step beside it; with `data_service_workers`, a tf.data service for the job); see the module doc.
-
-    `time` is Slurm's time limit; `timeout_s` (the launcher's --timeout) is the same limit in seconds."""
-    nodes, tasks_per_node = layout(num_workers, nodes, tasks_per_node)
+def _check_options(tasks_per_node: int, gres: Optional[str], time: Optional[str], timeout_s: Optional[float],
+                   partition: Optional[str], output: Optional[str]) -> Tuple[Optional[float], Optional[int]]:
+    """One line per option Slurm would reject or the job would misuse; the time limit in seconds and the GPUs per
+    node."""
     if tasks_per_node > 32:
         raise UserError(f"--tasks_per_node={tasks_per_node} is over 32, the ports dtf gives one job on a node; "
                         "use one task per node, which drives all of the node's GPUs or CPUs")
@@ -113,7 +107,11 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
     _check_name("--partition", partition, "gpu")
     if output is not None and (not output or any(ch.isspace() for ch in output)):
         raise UserError("--output must be a file path (Slurm patterns like %j allowed), e.g. --output=logs/%x-%j.out")
+    return limit_s, gpus
 
+
+def _directives(job_name: str, nodes: int, tasks_per_node: int, gres: Optional[str], time: Optional[str],
+                limit_s: Optional[float], partition: Optional[str], output: Optional[str]) -> List[str]:
     directives = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"]
     if gres is not None:
         directives.append(f"--gres={gres}")
@@ -126,28 +124,101 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
     directives += ["--requeue", "--open-mode=append"]  # a requeued job appends to its log instead of erasing it
     if limit_s is not None and limit_s >= MIN_LIMIT_FOR_SIGNAL_S:
         directives.append(f"--signal=TERM@{SIGNAL_BEFORE_LIMIT_S}")
+    return directives
+
+
+def _workers_step(command: Sequence[str], nodes: int, tasks_per_node: int, gpus: Optional[int],
+                  data_service_workers: Optional[int]) -> str:
+    """The srun line running every worker task (the tf.data service's address comes from the job at run time)."""
     srun = ["srun", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--label", "--kill-on-bad-exit=1"]
     if gpus is not None and tasks_per_node > 1:
         srun.append(f"--gpu-bind=per_task:{gpus // tasks_per_node}")
     srun += ["python", "-m", "dtf.backends.slurm_task", "--", *command]
-    step = shlex.join(srun) + (' "--data_service=grpc://$ds_host:$ds_port"' if data_service_workers else "")
+    return shlex.join(srun) + (' "--data_service=grpc://$ds_host:$ds_port"' if data_service_workers else "")
+
+
+def _evaluator_start_lines(evaluator: Sequence[str]) -> List[str]:
+    evaluator_srun = ["srun", "--nodes=1", "--ntasks=1", "--overlap", "python", "-m", "dtf.backends.slurm_task",
+                      "--evaluator", "--", *evaluator]
+    return [
+        "run_evaluator() {  # a step of its own: it outlives reruns of the workers' step",
+        f"  {WORKER_TASKS_ENV}=$SLURM_TASKS_PER_NODE {shlex.join(evaluator_srun)} 2>&1 "
+        "| sed -u 's/^/evaluator: /'",
+        "  return ${PIPESTATUS[0]}",
+        "}",
+        "run_evaluator &",
+        "evaluator=$!"]
+
+
+def _workers_loop_lines(step: str, never: str, done: str) -> List[str]:
+    """Run the workers' step until it succeeds (then `done`); requeue the job when preempted, rerun it after other
+    failures up to $max_restarts times, never after a user error or divergence."""
+    return [
+        "while true; do",
+        "  export DTF_LAUNCH_RESTART=$start",
+        f"  {step} 2>&1 | tee \"$steplog\"",
+        "  status=${PIPESTATUS[0]}  # srun's: the highest of all tasks, e.g. a stopped peer's 143",
+        "  first=$(sed -n 's/^ *[0-9]*: dtf\\.backends\\.slurm_task: exited with status \\([1-9][0-9]*\\)$/\\1/p' \"$steplog\" | head -n 1)",
+        "  status=${first:-$status}",
+        "  start=$((start + 1))",
+        "  case $status in",
+        f"    {exitcodes.OK}) {done} ;;",
+        f'    {never}) echo "dtf: step exited with status $status (user error or diverged); not rerunning" >&2',
+        "       exit $status ;;",
+        f'    {exitcodes.PREEMPTED}) echo "dtf: step preempted (status $status); requeueing job $SLURM_JOB_ID" >&2',
+        '       scontrol requeue "$SLURM_JOB_ID" && exit $status',
+        '       echo "dtf: requeue failed; rerunning the step here (not counted as a restart)" >&2',
+        "       continue ;;",
+        "  esac",
+        '  if [ "$restarts" -ge "$max_restarts" ]; then',
+        '    echo "dtf: step failed with status $status; giving up after $restarts restart(s)" >&2',
+        "    exit $status",
+        "  fi",
+        "  restarts=$((restarts + 1))",
+        '  echo "dtf: step failed with status $status; rerunning (restart $restarts of $max_restarts)" >&2',
+        "done"]
+
+
+def _evaluator_wait_lines(never: str) -> List[str]:
+    """After the workers: wait for the evaluator, rerunning it after failures (it shares the restart budget)."""
+    return ["# The workers are done: the job is done once the evaluator has scored the last checkpoint.",
+            "while true; do",
+            '  wait "$evaluator" && exit 0',
+            "  status=$?",
+            "  case $status in",
+            f'    {never}) echo "dtf: evaluator exited with status $status (user error); not rerunning" >&2',
+            "       exit $status ;;",
+            "  esac",
+            '  if [ "$restarts" -ge "$max_restarts" ]; then',
+            '    echo "dtf: evaluator failed with status $status; giving up after $restarts restart(s)" >&2',
+            "    exit $status",
+            "  fi",
+            "  restarts=$((restarts + 1))",
+            '  echo "dtf: evaluator failed with status $status; rerunning it (restart $restarts of '
+            '$max_restarts)" >&2',
+            "  run_evaluator &",
+            "  evaluator=$!",
+            "done"]
+
+
+def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Optional[int] = None,
+           tasks_per_node: Optional[int] = None, gres: Optional[str] = None, time: Optional[str] = None,
+           timeout_s: Optional[float] = None, partition: Optional[str] = None, output: Optional[str] = None,
+           max_restarts: Optional[int] = None, evaluator: Optional[Sequence[str]] = None,
+           data_service_workers: Optional[int] = None) -> str:
+    """The sbatch script running `command` as `num_workers` tasks in one srun step (and `evaluator`, if given, as a
+    step beside it; with `data_service_workers`, a tf.data service for the job); see the module doc.
+
+    `time` is Slurm's time limit; `timeout_s` (the launcher's --timeout) is the same limit in seconds."""
+    nodes, tasks_per_node = layout(num_workers, nodes, tasks_per_node)
+    limit_s, gpus = _check_options(tasks_per_node, gres, time, timeout_s, partition, output)
+    directives = _directives(job_name, nodes, tasks_per_node, gres, time, limit_s, partition, output)
+    step = _workers_step(command, nodes, tasks_per_node, gpus, data_service_workers)
     never = "|".join(str(s) for s in exitcodes.NEVER_RESTART)
-    evaluator_lines, done = [], ["exit 0"]
-    if evaluator:
-        evaluator_srun = ["srun", "--nodes=1", "--ntasks=1", "--overlap", "python", "-m", "dtf.backends.slurm_task",
-                          "--evaluator", "--", *evaluator]
-        evaluator_lines = [
-            "run_evaluator() {  # a step of its own: it outlives reruns of the workers' step",
-            f"  {WORKER_TASKS_ENV}=$SLURM_TASKS_PER_NODE {shlex.join(evaluator_srun)} 2>&1 "
-            "| sed -u 's/^/evaluator: /'",
-            "  return ${PIPESTATUS[0]}",
-            "}",
-            "run_evaluator &",
-            "evaluator=$!"]
-        done = ["break"]
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
              "# Written by `python -m dtf.launch --emit=slurm`; submit unchanged with sbatch. Task 0 is the chief;",
-             "# output lines are prefixed with the task number. Reruns follow dtf.base.exitcodes (see dtf/backends/slurm.py).",
+             "# output lines are prefixed with the task number. Reruns follow dtf.base.exitcodes (see",
+             "# dtf/backends/slurm.py).",
              "set -u",
              "steplog=$(mktemp)  # each step's output (also in the job log): which task failed first, and how",
              "trap 'rm -f \"$steplog\"' EXIT",
@@ -155,56 +226,17 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
              f"max_restarts={max_restarts or 0}",
              "restarts=0",
              "start=${SLURM_RESTART_COUNT:-0}  # a requeued job starts on other ports too",
-             *evaluator_lines,
-             "while true; do",
-             "  export DTF_LAUNCH_RESTART=$start",
-             f"  {step} 2>&1 | tee \"$steplog\"",
-             "  status=${PIPESTATUS[0]}  # srun's: the highest of all tasks, e.g. a stopped peer's 143",
-             "  first=$(sed -n 's/^ *[0-9]*: dtf\\.backends\\.slurm_task: exited with status \\([1-9][0-9]*\\)$/\\1/p' \"$steplog\" | head -n 1)",
-             "  status=${first:-$status}",
-             "  start=$((start + 1))",
-             "  case $status in",
-             f"    {exitcodes.OK}) {done[0]} ;;",
-             f'    {never}) echo "dtf: step exited with status $status (user error or diverged); not rerunning" >&2',
-             "       exit $status ;;",
-             f'    {exitcodes.PREEMPTED}) echo "dtf: step preempted (status $status); requeueing job $SLURM_JOB_ID" >&2',
-             '       scontrol requeue "$SLURM_JOB_ID" && exit $status',
-             '       echo "dtf: requeue failed; rerunning the step here (not counted as a restart)" >&2',
-             "       continue ;;",
-             "  esac",
-             '  if [ "$restarts" -ge "$max_restarts" ]; then',
-             '    echo "dtf: step failed with status $status; giving up after $restarts restart(s)" >&2',
-             "    exit $status",
-             "  fi",
-             "  restarts=$((restarts + 1))",
-             '  echo "dtf: step failed with status $status; rerunning (restart $restarts of $max_restarts)" >&2',
-             "done"]
+             *(_evaluator_start_lines(evaluator) if evaluator else []),
+             *_workers_loop_lines(step, never, "break" if evaluator else "exit 0")]
     if evaluator:
-        lines += ["# The workers are done: the job is done once the evaluator has scored the last checkpoint.",
-                  "while true; do",
-                  '  wait "$evaluator" && exit 0',
-                  "  status=$?",
-                  "  case $status in",
-                  f'    {never}) echo "dtf: evaluator exited with status $status (user error); not rerunning" >&2',
-                  "       exit $status ;;",
-                  "  esac",
-                  '  if [ "$restarts" -ge "$max_restarts" ]; then',
-                  '    echo "dtf: evaluator failed with status $status; giving up after $restarts restart(s)" >&2',
-                  "    exit $status",
-                  "  fi",
-                  "  restarts=$((restarts + 1))",
-                  '  echo "dtf: evaluator failed with status $status; rerunning it (restart $restarts of '
-                  '$max_restarts)" >&2',
-                  "  run_evaluator &",
-                  "  evaluator=$!",
-                  "done"]
+        lines += _evaluator_wait_lines(never)
     return "\n".join(lines) + "\n"
 
 
 def _data_service_lines(workers: Optional[int]) -> list:
-    """A tf.data service for the job's lifetime (dtf.cluster.data_service): a dispatcher and `workers` workers as background
-    steps on the first node, on ports 11000-11999 (below the workers' block, see dtf.cluster.tf_config.slurm_port), checked
-    before training and stopped when the script exits."""
+    """A tf.data service for the job's lifetime (dtf.cluster.data_service): a dispatcher and `workers` workers as
+    background steps on the first node, on ports 11000-11999 (below the workers' block, see
+    dtf.cluster.tf_config.slurm_port), checked before training and stopped when the script exits."""
     if not workers:
         return []
     if workers > 19:

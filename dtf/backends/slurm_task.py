@@ -1,9 +1,9 @@
-"""`python -m dtf.backends.slurm_task [--evaluator] -- <command...>`: one task of a dtf Slurm step (the sbatch script runs it
-under srun).
+"""`python -m dtf.backends.slurm_task [--evaluator] -- <command...>`: one task of a dtf Slurm step (the sbatch script
+runs it under srun).
 
 Sets TF_CONFIG from the step's environment (tasks in rank order, task 0 the chief, ports chosen per job: see
-`dtf.cluster.tf_config.slurm_port`), checks that this task's port is free so a taken port is reported in one line that names
-it (TensorFlow only says "Could not start gRPC server"), then runs the command and reports its exit status in one
+`dtf.cluster.tf_config.slurm_port`), checks that this task's port is free so a taken port is reported in one line that
+names it (TensorFlow only says "Could not start gRPC server"), then runs the command and reports its exit status in one
 line, which the sbatch script reads to find the task that failed first. With --evaluator the task is the side-car
 evaluator (its own one-task step): TF_CONFIG task type `evaluator`, which binds no port and joins no collective.
 
@@ -66,7 +66,8 @@ def _run(command: Sequence[str], environ: Mapping[str, str], evaluator: bool = F
     tf_config = evaluator_tf_config(environ) if evaluator else task_tf_config(environ)
     if environ["SLURM_PROCID"] == "0" and not evaluator:
         workers = json.loads(tf_config)["cluster"]["worker"]
-        print(f"dtf.backends.slurm_task: {len(workers)} worker(s): {','.join(workers)} (task 0 is the chief)", flush=True)
+        print(f"dtf.backends.slurm_task: {len(workers)} worker(s): {','.join(workers)} (task 0 is the chief)",
+              flush=True)
     # Slurm signals every process of the step; the command handles SIGTERM (or is SIGKILLed after KillWait). We only
     # outlive it to report its status, so SIGTERM/SIGINT must not end us first (a no-op handler, which, unlike
     # SIG_IGN, the command does not inherit).
@@ -87,7 +88,8 @@ def main(argv: Sequence[str]) -> int:
 
     def run() -> int:
         if not command:
-            raise UserError("usage: python -m dtf.backends.slurm_task [--evaluator] -- <command...> (inside a Slurm job step)")
+            raise UserError("usage: python -m dtf.backends.slurm_task [--evaluator] -- <command...> (inside a Slurm "
+                            "job step)")
         return _run(command, os.environ, evaluator)
 
     status = guard("dtf.backends.slurm_task", run)

@@ -10,6 +10,7 @@ from dtf.base.errors import UserError
 
 TENSORFLOW_RANGE = ((2, 21), (2, 22))  # [min, max)
 KERAS_RANGE = ((3, 15), (3, 16))
+KERAS_TUNER_RANGE = ((1, 4), (1, 5))  # checked when dtf.upstream.keras_tuner is imported (dtf.tune)
 
 
 def _major_minor(version: str) -> tuple:
@@ -39,6 +40,14 @@ def check_versions(tf_version: str, keras_version: str):
             "dtf does not support " + " and ".join(problems)
             + "; install the supported versions with `pip install -e .` (see BUILD_NOTES.md)"
         )
+
+
+def check_keras_tuner(version: str):
+    """Raise UserError naming the installed and supported keras-tuner versions if it is outside the tested range:
+    `dtf.upstream.keras_tuner` reaches into keras-tuner's private oracle state."""
+    if not _in_range(version, KERAS_TUNER_RANGE):
+        raise UserError(f"dtf does not support keras-tuner {version} (supported: {_fmt(KERAS_TUNER_RANGE)}); install "
+                        "the supported versions with `pip install -e .` (see BUILD_NOTES.md)")
 
 
 def load_tensorflow():

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 
 from dtf.distribute.strategy import strategy_name
+from dtf.upstream import tensorflow as tf_upstream
 
 MODES = ("training", "input", "end_to_end")
 INPUT_BOUND_RATIO, COMPUTE_BOUND_RATIO = 1.25, 2.0
@@ -134,7 +135,7 @@ def _sequential_maps(dataset: tf.data.Dataset) -> int:
     while pending:
         current = pending.pop()
         count += type(current).__name__.lstrip("_") == "MapDataset"
-        pending.extend(current._inputs())
+        pending.extend(tf_upstream.dataset_inputs(current))
     return count
 
 

@@ -2,11 +2,11 @@
 
 Each replica count runs `python -m dtf.bench bottleneck` in its own interpreter (TF's collective keys clash between
 mirrored strategies of different sizes in one process): mirrored on simulated CPU devices, or with --num_workers=N one
-worker process per replica (1, 2, 4, ... N workers) on 127.0.0.1, started as a group with a timeout by `dtf.cluster.procs`
-(the launcher's process groups). Weak scaling keeps the per-replica batch (the flags' per-replica batch, else their
-global batch at 1 replica); strong keeps the global batch (the flags' global batch, else the per-replica batch x the
-largest replica count). The all-reduce times each run measured are fitted by `dtf.benchmarks.allreduce`, and the model predicts
-efficiency over a --link_gbps link.
+worker process per replica (1, 2, 4, ... N workers) on 127.0.0.1, started as a group with a timeout by
+`dtf.cluster.procs` (the launcher's process groups). Weak scaling keeps the per-replica batch (the flags' per-replica
+batch, else their global batch at 1 replica); strong keeps the global batch (the flags' global batch, else the
+per-replica batch x the largest replica count). The all-reduce times each run measured are fitted by
+`dtf.benchmarks.allreduce`, and the model predicts efficiency over a --link_gbps link.
 """
 import json
 import os

@@ -3,9 +3,9 @@
 `grpc://host:port` uses a running dispatcher; `local:N` starts a dispatcher and N tf.data workers as processes of
 their own (`python -m dtf.cluster.data_service dispatcher|worker ...`) for the run's lifetime and stops them afterwards.
 
-Why the service keeps dtf's guarantees (see dtf.distribute.inputs for the pipeline it serves): each training input pipeline's
-epoch is split into `jobs` parts by batch position (batch i goes to part i % jobs). Each part is registered as its
-own dataset whose only source element is the part number (`from_tensors(k).flat_map(...)`), and read in
+Why the service keeps dtf's guarantees (see dtf.distribute.inputs for the pipeline it serves): each training input
+pipeline's epoch is split into `jobs` parts by batch position (batch i goes to part i % jobs). Each part is registered
+as its own dataset whose only source element is the part number (`from_tensors(k).flat_map(...)`), and read in
 `distributed_epoch` mode (ShardingPolicy.DYNAMIC): DYNAMIC hands each source split to one service worker, and one
 split means one worker produces the whole part, exactly once, in order. The consumer interleaves the parts
 round-robin, which restores the local order batch for batch. Splitting the real source instead (DYNAMIC over files
@@ -183,7 +183,8 @@ def wait(addresses: List[str], timeout_s: float = START_TIMEOUT_S) -> int:
     for address in addresses:
         while not reachable(address, timeout_s=1.0):
             if time.monotonic() > deadline:
-                sys.stderr.write(f"dtf.cluster.data_service: error: nothing answers at {address} after {timeout_s:g}s\n")
+                sys.stderr.write(f"dtf.cluster.data_service: error: nothing answers at {address} after "
+                                 f"{timeout_s:g}s\n")
                 return 2
             time.sleep(0.5)
     return 0

@@ -103,6 +103,63 @@ def stop_all(procs: Sequence[subprocess.Popen], grace_s: float = GRACE_S):
             _kill_group(p, signal.SIGKILL)  # children the worker may have left in its group
 
 
+def _process_env(base_env: Dict[str, str], tf_config: Optional[str], extra: Optional[Dict[str, str]]) -> dict:
+    """A process's environment: the group's, its own TF_CONFIG (None: an inherited one is removed), then `extra`."""
+    env = dict(base_env)
+    if tf_config is None:
+        env.pop("TF_CONFIG", None)
+    else:
+        env["TF_CONFIG"] = tf_config
+    if extra:
+        env.update(extra)
+    return env
+
+
+class _Watcher:
+    """Threads that collect process `index`'s output and note, in `exited`, when it ends (the first failure is the
+    cause, the processes stopped after it its victims)."""
+
+    def __init__(self, index: int, proc: subprocess.Popen, on_line, exited: List[int], changed: threading.Event):
+        self.index, self.proc, self.on_line, self.exited, self.changed = index, proc, on_line, exited, changed
+        self.output, self.tail = [], deque(maxlen=TAIL_LINES)
+        self.threads = []
+        for target in (self._read, self._wait):
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.output.append(line)
+            self.tail.append(line)
+            if self.on_line:
+                self.on_line(self.index, line)
+
+    def _wait(self):
+        self.proc.wait()
+        self.exited.append(self.index)
+        self.changed.set()
+
+
+def _wait_for_group(procs: List[subprocess.Popen], exited: List[int], changed: threading.Event,
+                    deadline: Optional[float], preemption_grace_s: float):
+    """Wait until every process has ended; once one fails or the deadline passes, stop the others.
+    (timed_out, first_failure, indices of the processes the group stopped, seconds the stop took)."""
+    while len(exited) < len(procs):
+        changed.wait(0.1)
+        changed.clear()
+        failed = [i for i in list(exited) if procs[i].returncode != 0]
+        timed_out = not failed and deadline is not None and time.monotonic() > deadline
+        if failed or timed_out:
+            killed = {i for i in range(len(procs)) if i not in exited}
+            preempted = bool(failed) and procs[failed[0]].returncode in (exitcodes.PREEMPTED, -signal.SIGTERM)
+            started = time.monotonic()
+            stop_all(procs, preemption_grace_s if preempted else GRACE_S)
+            return timed_out, failed[0] if failed else None, killed, time.monotonic() - started
+    return False, None, set(), None
+
+
 def run_group(
     command: Sequence[str],
     tf_configs: Sequence[Optional[str]],
@@ -130,62 +187,23 @@ def run_group(
         raise ValueError(f"process_envs has {len(process_envs)} entries for {len(tf_configs)} processes")
     base_env = dict(os.environ if env is None else env)
     base_env.setdefault("PYTHONUNBUFFERED", "1")
-    procs, outputs, tails, threads = [], [], [], []
+    procs, watchers = [], []
     exited = []  # worker indices in the order their processes ended: the first failure is the cause, not a victim
     changed = threading.Event()
-
-    def read(i, p):
-        for line in p.stdout:
-            line = line.rstrip("\n")
-            outputs[i].append(line)
-            tails[i].append(line)
-            if on_line:
-                on_line(i, line)
-
-    def wait(i, p):
-        p.wait()
-        exited.append(i)
-        changed.set()
-
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    timed_out, first_failure, killed, stop_s = False, None, set(), None
     try:
         for i, tf_config in enumerate(tf_configs):
-            worker_env = dict(base_env)
-            if tf_config is None:
-                worker_env.pop("TF_CONFIG", None)
-            else:
-                worker_env["TF_CONFIG"] = tf_config
-            if process_envs is not None and process_envs[i]:
-                worker_env.update(process_envs[i])
             own = process_commands[i] if process_commands else None
+            worker_env = _process_env(base_env, tf_config, process_envs[i] if process_envs is not None else None)
             p = subprocess.Popen(list(own or command), env=worker_env, cwd=cwd, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                  text=True, errors="replace")
             procs.append(p)
-            outputs.append([])
-            tails.append(deque(maxlen=TAIL_LINES))
-            for target in (read, wait):
-                t = threading.Thread(target=target, args=(i, p), daemon=True)
-                t.start()
-                threads.append(t)
+            watchers.append(_Watcher(i, p, on_line, exited, changed))
         if on_start:
             on_start(procs)
-        while len(exited) < len(procs):
-            changed.wait(0.1)
-            changed.clear()
-            failed = [i for i in list(exited) if procs[i].returncode != 0]
-            if failed or (deadline is not None and time.monotonic() > deadline):
-                if failed:
-                    first_failure = failed[0]
-                else:
-                    timed_out = True
-                killed = {i for i in range(len(procs)) if i not in exited}
-                preempted = bool(failed) and procs[failed[0]].returncode in (exitcodes.PREEMPTED, -signal.SIGTERM)
-                started = time.monotonic()
-                stop_all(procs, preemption_grace_s if preempted else GRACE_S)
-                stop_s = time.monotonic() - started
-                break
+        timed_out, first_failure, killed, stop_s = _wait_for_group(procs, exited, changed, deadline,
+                                                                   preemption_grace_s)
     except errors.Stopped:  # the caller was signalled: pass SIGTERM on and give the workers time to back up
         stop_all(procs, preemption_grace_s)
         raise
@@ -193,12 +211,13 @@ def run_group(
         stop_all(procs)
         raise
     finally:
-        for t in threads:
+        for t in (t for w in watchers for t in w.threads):
             t.join(timeout=5)
     return GroupResult(
-        workers=[WorkerResult(index=i, pid=p.pid, returncode=None if i in killed else p.returncode,
-                              output="\n".join(outputs[i]), tail=list(tails[i]), role=role(i, tf_configs[i]))
-                 for i, p in enumerate(procs)],
+        workers=[WorkerResult(index=w.index, pid=w.proc.pid,
+                              returncode=None if w.index in killed else w.proc.returncode,
+                              output="\n".join(w.output), tail=list(w.tail), role=role(w.index, tf_configs[w.index]))
+                 for w in watchers],
         timed_out=timed_out, first_failure=first_failure, stop_s=stop_s)
 
 

@@ -82,7 +82,14 @@ def _check_address(address, where: str):
 
 
 def parse_tf_config(text: Optional[str] = None) -> ClusterInfo:
-    """Parse TF_CONFIG (the environment's when `text` is None) into a validated ClusterInfo."""
+    """Parse TF_CONFIG into a validated ClusterInfo.
+
+    Args:
+        text: TF_CONFIG's JSON; None reads the environment's (unset or empty: a one-worker local cluster).
+
+    Raises:
+        UserError: invalid JSON, or a cluster/task that does not fit together (the message says what to set).
+    """
     if text is None:
         text = os.environ.get("TF_CONFIG", "")
     if not text.strip():
@@ -142,6 +149,11 @@ def build_tf_config(worker_hosts, task_index: int, task_type: str = "worker") ->
     """TF_CONFIG JSON for `worker_hosts` ("h1:p1,h2:p2" or a list) and this process's task index.
 
     The first worker is the chief (TensorFlow's worker-0 rule), as with `--worker_hosts/--task_index` in peers.
+
+    Args:
+        worker_hosts: "h1:p1,h2:p2" or a list of host:port.
+        task_index: this process's index in `worker_hosts`.
+        task_type: TF_CONFIG's task type (worker).
     """
     if isinstance(worker_hosts, str):
         worker_hosts = [h.strip() for h in worker_hosts.split(",") if h.strip()]

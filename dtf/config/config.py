@@ -1,7 +1,7 @@
 """The typed experiment config: one frozen dataclass that `dtf.run` builds from flags and `dtf.tune` builds per trial.
 
-Each field carries its flag's group, help text and constraints, so flags (`dtf.config.flags`), validation and the resolved
-flagfile (`to_flagfile`) all come from this one list and cannot disagree.
+Each field carries its flag's group, help text and constraints, so flags (`dtf.config.flags`), validation and the
+resolved flagfile (`to_flagfile`) all come from this one list and cannot disagree.
 """
 import dataclasses
 import math

@@ -47,7 +47,17 @@ def names():
 
 
 def load(name: str, split: str = "train", data_dir: Optional[str] = None, **params) -> DatasetSplit:
-    """One split of a dataset by name; `params` go to `synthetic` only."""
+    """One split of a dataset by name.
+
+    Args:
+        name: shapes[/config], digits, synthetic[/HxWxC], folder:/path, or a TFDS name prepared in `data_dir`.
+        split: train, validation or test (what the dataset has).
+        data_dir: where TFDS data lives; default $DTF_DATA_DIR, else TFDS's default.
+        **params: for `synthetic` only: shape, num_classes, num_examples, seed.
+
+    Raises:
+        UserError: an unknown name or split, or parameters for a dataset that takes none.
+    """
     name = (name or "").strip()
     if not name:
         raise UserError(f"no dataset name given; valid: {', '.join(names())}, folder:/path, or a prepared TFDS name")

@@ -56,7 +56,12 @@ def count_examples(dataset: tf.data.Dataset) -> int:
 
 def from_dataset(dataset: tf.data.Dataset, name: str = "dataset") -> DatasetSplit:
     """A user's unbatched in-memory `tf.data.Dataset`: one shard, so more than one input pipeline shards it by
-    records."""
+    records.
+
+    Args:
+        dataset: unbatched examples (counted once, here).
+        name: shown in messages and summaries.
+    """
     num_examples = count_examples(dataset)
     return DatasetSplit(name=name, split="", num_examples=num_examples, shard_lengths=(num_examples,),
                         read=lambda _: dataset)
@@ -67,6 +72,10 @@ def from_tfrecord_files(files: Sequence[str], cycle_length: int = 16) -> Dataset
 
     Counting the records reads every file once; the pipeline needs exact per-shard counts to give every input pipeline
     the same number of steps.
+
+    Args:
+        files: TFRecord paths on any TensorFlow filesystem; each file is a shard, so workers split them by file.
+        cycle_length: files read in parallel, interleaved.
     """
     files = [str(f) for f in files]
     if not files:

@@ -17,8 +17,8 @@ Evaluation keeps every example once: no shuffle, no repeat, the last partial bat
 run out get empty batches (TensorFlow's partial-batch handling); Keras weighs loss and metrics by batch size, so
 metrics equal the single-device ones (checked under mirrored and 2 workers in tests/test_data.py).
 
-With a tf.data service (`data_service`, see dtf.cluster.data_service), training batches are produced by the service in the
-same order and counts; evaluation stays local (exact, and small).
+With a tf.data service (`data_service`, see dtf.cluster.data_service), training batches are produced by the service in
+the same order and counts; evaluation stays local (exact, and small).
 """
 import dataclasses
 import math
@@ -26,7 +26,6 @@ import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
-from tensorflow.python.data.ops import interleave_op  # TF 2.21's own class behind Dataset.interleave (pinned)
 
 from dtf import datasets
 from dtf.base.errors import UserError
@@ -35,6 +34,7 @@ from dtf.config.batch_plan import BatchPlan
 from dtf.config.choices import SHARDINGS
 from dtf.datasets import DatasetSplit
 from dtf.datasets.split import count_examples
+from dtf.upstream import tensorflow as tf_upstream
 
 log = get_logger(__name__)
 # register_dataset, traced inside the epoch function, reads the options TF now keeps in the graph; nothing is lost.
@@ -178,42 +178,96 @@ def _share(source, ctx: tf.distribute.InputContext) -> _Share:
     return _Share(sharding, sizes, source.read(None).shard(pipelines, index))
 
 
-def distribute_dataset(
-    strategy: tf.distribute.Strategy,
-    source: Source,
-    global_batch_size: int,
-    *,
-    training: bool = True,
-    seed: Optional[int] = None,
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    cache: bool = False,
-    deterministic: Optional[bool] = None,
-    preprocess: Optional[Callable] = None,
-    preprocess_batch: Optional[Callable] = None,
-    data_dir: Optional[str] = None,
-    split: Optional[str] = None,
-    initial_epoch: int = 0,
-    initial_step: int = 0,
-    steps_per_epoch: Optional[int] = None,
-    sharding: str = "auto",
-    data_service=None,
-) -> DistributedData:
-    """Per-replica batches of `source` for `strategy`.
+def _training_steps_per_epoch(share: _Share, global_batch_size: int, num_replicas: int,
+                              steps_per_epoch: Optional[int], initial_step: int) -> int:
+    """One pass over the smallest share, or the shorter `steps_per_epoch`; the resume step must fall inside it."""
+    steps = training_steps(share.sizes, global_batch_size, num_replicas)
+    if steps_per_epoch is not None:
+        if not 0 < steps_per_epoch <= steps:
+            raise UserError(f"steps_per_epoch={steps_per_epoch} must be between 1 and {steps} (one pass over "
+                            f"the data at global_batch_size={global_batch_size})",
+                            arguments=("steps_per_epoch", *BATCH))
+        steps = steps_per_epoch
+    if initial_step >= steps:
+        raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")
+    return steps
 
-    source: a dataset name (`dtf.datasets.load`; `split` defaults to train/test), a `DatasetSplit`, an unbatched
-      `tf.data.Dataset`, a list of TFRecord files (then `preprocess` parses the records), or a function of
-      `tf.distribute.InputContext` returning that pipeline's unbatched share.
-    seed: the shuffle seed shared by all workers (None: DEFAULT_SEED, so restarts reproduce the order).
-    cache: keep the decoded share in memory after the first epoch. preprocess: applied per example after the cache and
-      the shuffle (augmentation belongs here). preprocess_batch: applied to every per-replica batch (the element
-      structure, batched), for vectorized parsing or augmentation. deterministic: False lets tf.data reorder for speed, which gives up the
-      reproducible order.
-    initial_epoch/initial_step: where a resumed training job starts (step k of epoch e is skipped to, not replayed).
-    steps_per_epoch: shorter training epochs than one pass (each still a fresh shuffle of the whole share).
-    sharding: how training pipelines split a dataset: "auto" (by files when there are enough, else by records) or
-      "batch": every pipeline reads the whole split in the one global order and keeps its slice of each global
-      batch, so any number of replicas and workers trains on exactly the single-device batch sequence (the way to
-      check equivalence, or to compare runs across cluster sizes), at the cost of every worker reading everything.
+
+def _evaluation_batches(data: tf.data.Dataset, per_replica: int, preprocess, preprocess_batch) -> tf.data.Dataset:
+    """Every example once, in order, the last partial batch kept."""
+    if preprocess is not None:
+        data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    # Workers may hold different numbers of batches; a known per-worker count would make Keras stop each
+    # worker at its own count, leaving the others waiting in a collective. Unknown, all stop together.
+    data = _map_batches(data.batch(per_replica, num_parallel_calls=tf.data.AUTOTUNE), preprocess_batch)
+    return data.filter(lambda *_: True)
+
+
+def _check_reading(shuffle_buffer: int, initial_epoch: int, initial_step: int, cache: bool, training: bool,
+                   data_service):
+    if shuffle_buffer < 1:
+        raise UserError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}", arguments=("shuffle_buffer",))
+    if initial_epoch < 0 or initial_step < 0:
+        raise UserError(f"initial_epoch ({initial_epoch}) and initial_step ({initial_step}) must be >= 0")
+    if data_service is not None and training and cache:
+        raise UserError("--cache keeps examples in the training process, which --data_service does not read; "
+                        "remove one of them", arguments=("cache", "data_service"))
+
+
+def _options(deterministic: Optional[bool]) -> tf.data.Options:
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # dtf shards itself
+    if deterministic is not None:
+        options.deterministic = deterministic
+    return options
+
+
+def _log_input(data: DistributedData, share: _Share, num_replicas: int, training: bool, data_service):
+    sharded = f"{len(share.sizes)} pipelines sharded by {share.sharding}" if len(share.sizes) > 1 else "1 pipeline"
+    served = f", from the tf.data service {data_service.target}" if data_service is not None and training else ""
+    log.info(f"{'training' if training else 'evaluation'} input: {data.num_examples} examples, {sharded}, global batch "
+             f"{data.global_batch_size} = {num_replicas} replica(s) x {data.per_replica_batch_size}, "
+             f"{data.steps_per_epoch} steps{served}")
+
+
+def distribute_dataset(strategy: tf.distribute.Strategy, source: Source, global_batch_size: int, *,
+                       training: bool = True, seed: Optional[int] = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                       cache: bool = False, deterministic: Optional[bool] = None,
+                       preprocess: Optional[Callable] = None, preprocess_batch: Optional[Callable] = None,
+                       data_dir: Optional[str] = None, split: Optional[str] = None, initial_epoch: int = 0,
+                       initial_step: int = 0, steps_per_epoch: Optional[int] = None, sharding: str = "auto",
+                       data_service=None) -> DistributedData:
+    """Per-replica batches of `source` for `strategy`, one input pipeline per worker (see the module doc).
+
+    Args:
+      strategy: the strategy whose replicas get the batches.
+      source: a dataset name (`dtf.datasets.load`), a `DatasetSplit`, an unbatched `tf.data.Dataset`, a list of
+        TFRecord files (then `preprocess` parses the records), or a function of `tf.distribute.InputContext`
+        returning that pipeline's unbatched share.
+      global_batch_size: examples per step over all replicas; it must split evenly over them.
+      training: True: shuffled batches, repeating forever in epochs of the returned `steps_per_epoch` steps (for
+        `fit`); False: every example once, in order, the last partial batch kept (for `evaluate`).
+      seed: the shuffle seed shared by all workers (None: DEFAULT_SEED, so restarts reproduce the order).
+      shuffle_buffer: examples in the shuffle buffer (>= 1).
+      cache: keep the decoded share in memory after the first epoch (not with `data_service`).
+      deterministic: False lets tf.data reorder for speed, which gives up the reproducible order.
+      preprocess: applied per example after the cache and the shuffle (augmentation belongs here).
+      preprocess_batch: applied to every per-replica batch (the element structure, batched), for vectorized parsing
+        or augmentation.
+      data_dir: where a dataset name's files are (dataset names only).
+      split: a dataset name's split (dataset names only); None: "train" for training, "test" for evaluation.
+      initial_epoch: the epoch a resumed training job starts at.
+      initial_step: the step of `initial_epoch` it starts at (skipped to, not replayed).
+      steps_per_epoch: shorter training epochs than one pass (each still a fresh shuffle of the whole share).
+      sharding: how training pipelines split a dataset: "auto" (by files when there are enough, else by records) or
+        "batch": every pipeline reads the whole split in the one global order and keeps its slice of each global
+        batch, so any number of replicas and workers trains on exactly the single-device batch sequence (the way to
+        check equivalence, or to compare runs across cluster sizes), at the cost of every worker reading everything.
+      data_service: a running tf.data service (see dtf.cluster.data_service) that produces the training batches, in
+        the same order and counts; evaluation stays local.
+
+    Returns:
+      The `DistributedData` for `fit` or `evaluate`: the dataset and its steps per epoch.
     """
     if sharding not in SHARDINGS:
         raise UserError(f"sharding={sharding!r} is not valid; choose one of: {', '.join(SHARDINGS)}",
@@ -221,46 +275,23 @@ def distribute_dataset(
     source = _resolve(source, split, data_dir, training)
     num_replicas = strategy.num_replicas_in_sync
     per_replica = check_global_batch(global_batch_size, num_replicas)
-    if shuffle_buffer < 1:
-        raise UserError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}", arguments=("shuffle_buffer",))
-    if initial_epoch < 0 or initial_step < 0:
-        raise UserError(f"initial_epoch ({initial_epoch}) and initial_step ({initial_step}) must be >= 0")
+    _check_reading(shuffle_buffer, initial_epoch, initial_step, cache, training, data_service)
     seed = DEFAULT_SEED if seed is None else seed
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # dtf shards itself
-    if deterministic is not None:
-        options.deterministic = deterministic
-    if data_service is not None and training and cache:
-        raise UserError("--cache keeps examples in the training process, which --data_service does not read; "
-                        "remove one of them", arguments=("cache", "data_service"))
-    plans = []
-
+    options = _options(deterministic)
     by_batch = training and sharding == "batch" and isinstance(source, DatasetSplit)
+    plans = []
 
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         share = _Share("batch", [source.num_examples], source.read(None)) if by_batch else _share(source, ctx)
         data = _filled_cache(share.dataset) if cache else share.dataset
         if training:
-            steps = training_steps(share.sizes, global_batch_size, num_replicas)
-            if steps_per_epoch is not None:
-                if not 0 < steps_per_epoch <= steps:
-                    raise UserError(f"steps_per_epoch={steps_per_epoch} must be between 1 and {steps} (one pass over "
-                                    f"the data at global_batch_size={global_batch_size})",
-                                    arguments=("steps_per_epoch", *BATCH))
-                steps = steps_per_epoch
-            if initial_step >= steps:
-                raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")
+            steps = _training_steps_per_epoch(share, global_batch_size, num_replicas, steps_per_epoch, initial_step)
             data = _training_batches(data, ctx, per_replica, steps, seed, shuffle_buffer, preprocess, preprocess_batch,
                                      initial_epoch, initial_step, global_batch_size if by_batch else None,
                                      data_service)
         else:
             steps = evaluation_steps(share.sizes, global_batch_size, num_replicas)
-            if preprocess is not None:
-                data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-            # Workers may hold different numbers of batches; a known per-worker count would make Keras stop each
-            # worker at its own count, leaving the others waiting in a collective. Unknown, all stop together.
-            data = _map_batches(data.batch(per_replica, num_parallel_calls=tf.data.AUTOTUNE), preprocess_batch)
-            data = data.filter(lambda *_: True)
+            data = _evaluation_batches(data, per_replica, preprocess, preprocess_batch)
         plans.append((share, steps))
         return data.prefetch(tf.data.AUTOTUNE).with_options(options)
 
@@ -270,10 +301,7 @@ def distribute_dataset(
                            global_batch_size=global_batch_size, per_replica_batch_size=per_replica,
                            sharding=share.sharding, input_shape=getattr(source, "input_shape", None),
                            num_classes=getattr(source, "num_classes", None))
-    sharded = f"{len(share.sizes)} pipelines sharded by {share.sharding}" if len(share.sizes) > 1 else "1 pipeline"
-    served = f", from the tf.data service {data_service.target}" if data_service is not None and training else ""
-    log.info(f"{'training' if training else 'evaluation'} input: {data.num_examples} examples, {sharded}, global batch "
-             f"{global_batch_size} = {num_replicas} replica(s) x {per_replica}, {steps} steps{served}")
+    _log_input(data, share, num_replicas, training, data_service)
     return data
 
 
@@ -297,9 +325,7 @@ def _one_after_another(inputs: tf.data.Dataset, make: Callable, ready: int) -> t
     while the current one is read, and keeps `ready` elements waiting. A training epoch starts by filling its shuffle
     buffer (the whole share when it fits): done in flat_map's turn, that stalled training 0.4-0.6 s at every epoch
     boundary of the default experiment. The price: the next epoch's shuffle buffer is held in memory too."""
-    return interleave_op._ParallelInterleaveDataset(  # pylint: disable=protected-access
-        inputs, make, cycle_length=1, block_length=1, num_parallel_calls=1, buffer_output_elements=ready,
-        prefetch_input_elements=1, deterministic=True)
+    return tf_upstream.parallel_interleave(inputs, make, buffer_output_elements=ready, prefetch_input_elements=1)
 
 
 def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, per_replica: int, steps: int,

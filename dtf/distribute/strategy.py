@@ -52,6 +52,9 @@ def simulate_cpu_devices(count: int):
 
     TensorFlow fixes its device list the first time it initializes the runtime; after that this can only confirm the
     split already in place, and otherwise says why it cannot apply it.
+
+    Args:
+        count: logical CPU devices (>= 1).
     """
     if count < 1:
         raise UserError(f"--num_cpu_devices must be >= 1, got {count}")
@@ -98,6 +101,20 @@ def create_strategy(
     `auto` is multi_worker when TF_CONFIG names more than one training task, mirrored when there is more than one GPU
     or `num_cpu_devices > 1`, else the default strategy. Creating a mirrored or multi_worker strategy also applies the
     Keras 3 fixes (`dtf.upstream.keras`).
+
+    Args:
+        name: auto, default, one_device, mirrored or multi_worker.
+        num_cpu_devices: split the host CPU into this many logical devices (mirrored replicas without a GPU); must
+            come before TensorFlow initializes its devices.
+        num_gpus: use the first N GPUs (mirrored); default all.
+        devices: explicit device names for mirrored/one_device, e.g. ["/gpu:0", "/gpu:1"].
+        communication: multi_worker collectives: auto, ring or nccl.
+        cross_device_ops_name: mirrored all-reduce: nccl, hierarchical_copy or reduce_to_one.
+        num_packs: gradient packing for nccl/hierarchical_copy.
+        cluster_timeout_s: multi_worker: how long to wait for every worker before one clear error.
+
+    Raises:
+        UserError: an unknown name or an option that does not apply to it (the message names the argument).
     """
     name = _pick(name, STRATEGIES, "strategy")
     info = cluster_lib.parse_tf_config()
@@ -129,19 +146,7 @@ def create_strategy(
         strategy = tf.distribute.OneDeviceStrategy(device)
     elif name == "mirrored":
         _reject(name, communication=communication)
-        if num_cpu_devices:
-            if num_gpus:
-                raise UserError("give --num_cpu_devices (simulated CPU replicas) or --num_gpus, not both")
-            simulate_cpu_devices(num_cpu_devices)
-        if devices is None:
-            if num_cpu_devices:
-                devices = [d.name for d in tf.config.list_logical_devices("CPU")][:num_cpu_devices]
-            else:
-                gpus = _gpu_devices(num_gpus)
-                devices = [f"/gpu:{i}" for i in range(gpus)] if gpus else ["/cpu:0"]
-        keras_compat.apply()
-        strategy = tf.distribute.MirroredStrategy(
-            devices=list(devices), cross_device_ops=cross_device_ops(cross_device_ops_name, num_packs))
+        strategy = _mirrored(num_cpu_devices, num_gpus, devices, cross_device_ops_name, num_packs)
     else:  # multi_worker
         _reject(name, num_cpu_devices=num_cpu_devices if num_cpu_devices != 1 else None, devices=devices,
                 cross_device_ops=cross_device_ops_name)
@@ -153,6 +158,24 @@ def create_strategy(
         strategy = _multi_worker(info, communication or "auto", cluster_timeout_s)
     log.info(describe(strategy, info))
     return strategy
+
+
+def _mirrored(num_cpu_devices: Optional[int], num_gpus: Optional[int], devices: Optional[Sequence[str]],
+              cross_device_ops_name: Optional[str], num_packs: int) -> tf.distribute.MirroredStrategy:
+    """Over the given devices, else the simulated CPU devices, else the GPUs (or the CPU when there are none)."""
+    if num_cpu_devices:
+        if num_gpus:
+            raise UserError("give --num_cpu_devices (simulated CPU replicas) or --num_gpus, not both")
+        simulate_cpu_devices(num_cpu_devices)
+    if devices is None:
+        if num_cpu_devices:
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")][:num_cpu_devices]
+        else:
+            gpus = _gpu_devices(num_gpus)
+            devices = [f"/gpu:{i}" for i in range(gpus)] if gpus else ["/cpu:0"]
+    keras_compat.apply()
+    return tf.distribute.MirroredStrategy(
+        devices=list(devices), cross_device_ops=cross_device_ops(cross_device_ops_name, num_packs))
 
 
 # Runs in a separate process: the stuck constructor holds the GIL, so no thread of ours could run meanwhile.

@@ -23,6 +23,7 @@ from dtf.base.errors import UserError
 from dtf.base.logs import get_logger
 from dtf.cluster import tf_config as cluster_lib
 from dtf.experiment import atomic
+from dtf.upstream import keras as keras_upstream
 
 log = get_logger(__name__)
 
@@ -134,20 +135,45 @@ def restore(model: keras.Model, backup: Backup):
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` that restores every worker from the chief's backup and lets only the
     chief write there. `delete_checkpoint` defaults to False: a finished run keeps its last backup, so rerunning the
-    same job does not train again from scratch."""
+    same job does not train again from scratch.
+
+    It keeps its own position (`epoch`, `steps_done`) and backs up itself (`save_now`): of Keras's class only the
+    constructor's checks, `backup_dir`, `save_freq` and `on_train_end`'s `delete_checkpoint` are used, none of its
+    private state."""
 
     def __init__(self, backup_dir: str, save_freq="epoch", delete_checkpoint: bool = False,
                  cluster: Optional[cluster_lib.ClusterInfo] = None, plan: Optional[dict] = None,
                  epochs: Optional[int] = None):
-        """`plan`, `epochs`: what the run is (dtf.experiment.rundir), recorded with every backup so a rerun can tell."""
+        """
+        Args:
+            backup_dir: the chief's backup directory (on storage every worker reads); other workers write to a
+                private temporary directory instead.
+            save_freq: "epoch", or a step count: also back up every that many steps (counted as Keras does, across
+                epochs); dtf backs up at every epoch end either way.
+            delete_checkpoint: remove the backup when training ends (Keras's default is True; dtf keeps it).
+            cluster: where this process sits (default: TF_CONFIG); decides who writes to `backup_dir`.
+            plan, epochs: what the run is (dtf.experiment.rundir), recorded with every backup so a rerun can tell.
+        """
         self._real_dir = backup_dir
         self._own_dir = write_dir(backup_dir, cluster)
         self._record = {"plan": plan, "epochs": epochs} if plan is not None else {}
         self._finite = True
+        self._epoch, self._steps, self._steps_since_batch_backup = 0, 0, 0
         super().__init__(self._own_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch to run next, or the one in progress when `steps_done` > 0 (as `Backup.epoch`)."""
+        return self._epoch
+
+    @property
+    def steps_done(self) -> int:
+        """Steps of `epoch` trained so far."""
+        return self._steps
+
     # The backup to restore at the start of training: None reads the newest whole one (`latest_backup`); dtf.run sets
-    # the one its rerun decision read (dtf.experiment.rundir), or False to start fresh, so every worker restores the same one.
+    # the one its rerun decision read (dtf.experiment.rundir), or False to start fresh, so every worker restores the
+    # same one.
     restore_from = None
 
     def on_train_begin(self, logs=None):
@@ -158,7 +184,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if backup is None:
             return
         restore(self.model, backup)
-        self.model._initial_epoch = backup.epoch
+        keras_upstream.set_resume_epoch(self.model, backup.epoch)
 
     # Keras records the epoch only, so a restore from a mid-epoch backup would replay the whole epoch on top of
     # weights that already saw part of it. dtf also records `steps_done` in the epoch, and backs up at every epoch
@@ -169,28 +195,33 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     restore_on_begin = True
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._current_epoch = epoch
-        self._steps_done = self.step_offset
+        self._epoch = epoch
+        self._steps = self.step_offset
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps_done = self.step_offset + batch + 1
+        steps = self.step_offset + batch + 1
+        self._steps_since_batch_backup += steps - self._steps  # Keras's count: across epochs, from the last such backup
+        self._steps = steps
         self._check_finite(logs)
-        super().on_train_batch_end(batch, logs)
+        if self.save_freq != "epoch" and self._steps_since_batch_backup >= self.save_freq:
+            self._steps_since_batch_backup = 0
+            self.save_now()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._current_epoch, self._steps_done, self._last_batch_seen = epoch + 1, 0, 0
+        self._epoch, self._steps = epoch + 1, 0
         self._check_finite(logs)
-        self._save_model()
+        self.save_now()
 
     def _check_finite(self, logs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self._finite = False
 
-    def _save_model(self):
-        """Weights under a new name, then the metadata naming them replaces the old atomically (the old is kept as
-        PREVIOUS), then files no pair names are deleted. See METADATA for why a kill at any step is safe. Once the
-        loss is NaN/inf nothing is saved: the last backup stays the last finite state (marked at train end)."""
+    def save_now(self):
+        """Back up at (`epoch`, `steps_done`): weights under a new name, then the metadata naming them replaces the
+        old atomically (the old is kept as PREVIOUS), then files no pair names are deleted. See METADATA for why a
+        kill at any step is safe. Once the loss is NaN/inf nothing is saved: the last backup stays the last finite
+        state (marked at train end)."""
         if not self._finite:
             return
         with atomic.writing(self.backup_dir):
@@ -198,7 +229,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _write_backup(self, directory: str):
         tf.io.gfile.makedirs(directory)
-        name = f"{_WEIGHTS_PREFIX}e{self._current_epoch}-s{self._steps_done}-{uuid.uuid4().hex[:8]}.weights.h5"
+        name = f"{_WEIGHTS_PREFIX}e{self._epoch}-s{self._steps}-{uuid.uuid4().hex[:8]}.weights.h5"
         with atomic.replacing(os.path.join(directory, name)) as tmp:  # a weights file without metadata is an error
             self.model.save_weights(tmp)
         keep = {name}
@@ -211,7 +242,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 atomic.write_text(os.path.join(directory, PREVIOUS), f.read())
             keep.add(os.path.basename(previous.weights))
         atomic.write_json(os.path.join(directory, METADATA), {
-            "epoch": self._current_epoch, "steps_done": self._steps_done, "weights": name,
+            "epoch": self._epoch, "steps_done": self._steps, "weights": name,
             "sha256": _sha256(os.path.join(directory, name)), **self._record})
         for leftover in tf.io.gfile.listdir(directory):
             if leftover not in keep and (leftover.startswith(_WEIGHTS_PREFIX) or atomic.is_temporary(leftover)
@@ -222,6 +253,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if not self._finite:
             self._mark_diverged()
         super().on_train_end(logs)
+        self.remove_private_dir()
+
+    def remove_private_dir(self):
+        """Remove this worker's private write directory (non-chief workers; the chief's real one stays)."""
         remove_if_private(self._own_dir, self._real_dir)
 
     def _mark_diverged(self):

@@ -23,13 +23,13 @@ from typing import Optional, Sequence
 
 import keras
 import tensorflow as tf
-from tensorflow.python.eager import context  # the coordination service's key-value store has no public API
 
 from dtf.base import exitcodes
 from dtf.base.errors import Preempted
 from dtf.base.logs import get_logger
 from dtf.cluster import tf_config as cluster_lib
 from dtf.experiment import callbacks as callbacks_lib
+from dtf.upstream import tensorflow as tf_upstream
 
 log = get_logger(__name__)
 
@@ -109,7 +109,7 @@ class Preemption(keras.callbacks.Callback):
         """Wait for the target step a signalled worker publishes; record it, then acknowledge it."""
         while not self._closing.is_set():
             try:
-                value = context.context().get_config_key_value(TARGET_KEY, _POLL_MS)
+                value = tf_upstream.kv_get(TARGET_KEY, _POLL_MS)
             except tf.errors.DeadlineExceededError:
                 continue
             except tf.errors.OpError as e:  # the service is gone (a peer died): the group is being stopped anyway
@@ -117,7 +117,7 @@ class Preemption(keras.callbacks.Callback):
                 return
             self._target = int(value)
             self._arm_watchdog()
-            context.context().set_config_key_value(ACK_KEY.format(self.cluster.task_index), "1")
+            tf_upstream.kv_set(ACK_KEY.format(self.cluster.task_index), "1")
             return
 
     def close(self):
@@ -143,14 +143,14 @@ class Preemption(keras.callbacks.Callback):
             self._watcher.start()
 
     def _step(self) -> int:
-        return self._backup._current_epoch * self.steps_per_epoch + self._backup._steps_done
+        return self._backup.epoch * self.steps_per_epoch + self._backup.steps_done
 
     def on_train_batch_end(self, batch, logs=None):
         if self._signalled is not None and not self._claimed:
             self._claimed = True
             self._claim(self._step())
         if self._target is not None and self._step() >= self._target:
-            if self._backup._steps_done == self.steps_per_epoch:  # the epoch's end backs up; stop right after it
+            if self._backup.steps_done == self.steps_per_epoch:  # the epoch's end backs up; stop right after it
                 self._stop_at_epoch_end = True
             else:
                 self._stop()
@@ -165,14 +165,14 @@ class Preemption(keras.callbacks.Callback):
             self._target = step
             return
         try:
-            context.context().set_config_key_value(TARGET_KEY, str(step + 1))
+            tf_upstream.kv_set(TARGET_KEY, str(step + 1))
         except tf.errors.AlreadyExistsError:
             return  # another signalled worker published first; the watcher brings its target
         log.info(f"preemption: every worker stops after global step {step + 1}")
         for i in range(self.cluster.num_workers):
             left_ms = int(1000 * (self._signalled + self.grace_s - time.monotonic()))
             try:
-                context.context().get_config_key_value(ACK_KEY.format(i), max(1, left_ms))
+                tf_upstream.kv_get(ACK_KEY.format(i), max(1, left_ms))
             except tf.errors.OpError as e:
                 raise Preempted(f"preempted: worker {i} did not acknowledge the stop step ({type(e).__name__}); "
                                 "exiting without a new backup (the rerun resumes from the last whole one)") from None
@@ -180,12 +180,12 @@ class Preemption(keras.callbacks.Callback):
     def _stop(self):
         """Back up at this step (only the chief's lands in model_dir), end the other callbacks, raise Preempted."""
         backup, started = self._backup, time.monotonic()
-        epoch, steps = backup._current_epoch, backup._steps_done
+        epoch, steps = backup.epoch, backup.steps_done
         if not self._stop_at_epoch_end:  # the epoch end just saved this position
-            backup._save_model()
+            backup.save_now()
         for cb in self._others:
             cb.on_train_end()
-        callbacks_lib.remove_if_private(backup._own_dir, backup._real_dir)
+        backup.remove_private_dir()
         since = f"{time.monotonic() - self._signalled:.1f}s after SIGTERM" if self._signalled else "on a peer's SIGTERM"
         where = f"epoch {epoch + 1}, step {steps}" if steps else f"the end of epoch {epoch}"
         raise Preempted(f"preempted: stopped at {where} ({since}; backup {time.monotonic() - started:.1f}s); the "

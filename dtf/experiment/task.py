@@ -56,12 +56,21 @@ class Task:
 
     def preprocess_batch(self, batch, training: bool):
         """Applied in the input pipeline to every per-replica batch (the dataset's element structure, batched):
-        vectorized parsing (`tf.io.parse_example`) or augmentation. Returns (features, label). Default: unchanged."""
+        vectorized parsing (`tf.io.parse_example`) or augmentation. Returns (features, label). Default: unchanged.
+
+        Args:
+            batch: one per-replica batch of the split's elements.
+            training: True in the training pipeline, False for evaluation and prediction.
+        """
         return batch
 
     def num_examples(self, split: str) -> Optional[int]:
         """The size of `split` when counting it (one pass over the data) is too slow; None: dtf counts. dtf needs
-        exact sizes to give every replica the same number of steps; a wrong count stops the run with an error."""
+        exact sizes to give every replica the same number of steps; a wrong count stops the run with an error.
+
+        Args:
+            split: a key of `datasets()` ("train", "validation" or "test").
+        """
         return None
 
 
@@ -220,6 +229,8 @@ def _as_split(task: Task, label: str, name: str, value) -> DatasetSplit:
 
 def _check_unbatched(label: str, name: str, dataset):
     """Fail on a dataset whose last batching transformation is not undone by an unbatch: dtf batches itself."""
+    from dtf.upstream import tensorflow as tf_upstream
+
     pending = [dataset]
     while pending:
         current = pending.pop()
@@ -229,7 +240,7 @@ def _check_unbatched(label: str, name: str, dataset):
         if kind.startswith(_BATCHING):
             raise UserError(f"{label}: datasets()[{name!r}] is batched (it ends in {kind}); return unbatched "
                             "examples: dtf batches them into the global batch (--global_batch_size) itself")
-        pending.extend(current._inputs())
+        pending.extend(tf_upstream.dataset_inputs(current))
 
 
 def check_model_accepts(model, features, label: str, fix: str = ""):

@@ -24,6 +24,7 @@ from dtf.experiment import (atomic, callbacks as callbacks_lib, preemption, prog
                             task as task_lib)
 from dtf.experiment.summaries import TrainingScalars, write_run_metadata
 from dtf.optim import noise_scale, scaling
+from dtf.upstream import keras as keras_upstream
 
 log = get_logger(__name__)
 
@@ -220,7 +221,7 @@ class Experiment:
             for cb in callbacks:
                 if isinstance(cb, callbacks_lib.BackupAndRestore):
                     cb.step_offset, cb.restore_on_begin, cb.restore_from = first_step, not history, restore_from
-            model._initial_epoch = None  # Keras prefers a restored epoch over `initial_epoch`; ours is exact
+            keras_upstream.set_resume_epoch(model, None)  # `initial_epoch` is exact; a restored epoch would win
             h = model.fit(train.dataset, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
                           shuffle=False,  # no validation_steps: see EVAL_NOTE
                           validation_data=eval_data.dataset if eval_data else None,
@@ -251,10 +252,20 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
                    task: Optional[task_lib.Task] = None, restart: bool = False) -> dict:
     """Train, evaluate and export one experiment; returns the summary (also written to model_dir by the chief).
 
-    A model_dir that already holds a run decides what this one does (dtf.experiment.rundir): resume it, continue it to more
-    epochs, or, when it is finished, nothing at all (the summary returned is the run's, with "already_finished").
-    task: a Task object to train instead of the one the config names (from Python, e.g. with constructor
-    arguments). restart: move a different run in model_dir aside instead of refusing it."""
+    A model_dir that already holds a run decides what this one does (dtf.experiment.rundir): resume it, continue it to
+    more epochs, or, when it is finished, nothing at all (the summary returned is the run's, with "already_finished").
+
+    Args:
+        config: the run (`dtf.config.Config`; from flags, `dtf.config.flags.config_from_flags`).
+        strategy: a strategy built already; default: the one the config names.
+        task: a Task object to train instead of the one the config names (from Python, e.g. with constructor
+            arguments).
+        restart: move a different run in model_dir aside instead of refusing it.
+
+    Raises:
+        UserError: bad input (named as the Config field); TrainingDiverged: the loss became NaN/inf;
+        Preempted: SIGTERM stopped the run at an agreed step after a backup.
+    """
     start = time.time()
     cluster = resolve_cluster(config)
     strategy = strategy or create_strategy(config)

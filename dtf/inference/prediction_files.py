@@ -3,8 +3,8 @@ then one column per output value), .tfrecord (one tf.train.Example per input exa
 
 Row i is example i of the input order, and `id` is i. Files are written through tf.io.gfile (local paths, gs:// and
 the other TensorFlow filesystems, like model_dir) block by block from the stored rows, so writing costs O(block)
-memory, to a temporary name next to the target that is renamed at the end (dtf.experiment.atomic): a reader (or a failed run)
-never leaves half a file; an existing file is kept unless `overwrite`.
+memory, to a temporary name next to the target that is renamed at the end (dtf.experiment.atomic): a reader (or a failed
+run) never leaves half a file; an existing file is kept unless `overwrite`.
 """
 import io
 import os
@@ -69,8 +69,8 @@ class _Arrays:
 
 
 def write(path: str, outputs, overwrite: bool = False):
-    """Write `outputs` (arrays by name, or a `dtf.inference.predictor.Rows`; rows in input order) to `path` atomically, in the
-    format its extension names."""
+    """Write `outputs` (arrays by name, or a `dtf.inference.predictor.Rows`; rows in input order) to `path` atomically,
+    in the format its extension names."""
     rows = _Arrays(outputs) if isinstance(outputs, dict) else outputs
     check_target(path, overwrite, len(rows.names))
     ext = format_of(path)

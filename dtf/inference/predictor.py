@@ -2,10 +2,10 @@
 
 Keras's `model.predict` under MultiWorkerMirroredStrategy returns only this worker's part, in an order it does not
 document, so outputs cannot be matched back to inputs. Here every example carries its position in the split's order
-(`DatasetSplit.read(None)`) through `dtf.distribute.inputs.distribute_dataset` (evaluation mode: no shuffle, the last partial batch
-kept, empty batches on idle replicas), each step gathers (position, output) from all replicas of all workers, and
-each row is stored at its position (`Rows`: in memory, or in files on local disk so a large split needs O(batch)
-memory), so padding can neither duplicate nor drop an example: a repeated or missing position is an error.
+(`DatasetSplit.read(None)`) through `dtf.distribute.inputs.distribute_dataset` (evaluation mode: no shuffle, the last
+partial batch kept, empty batches on idle replicas), each step gathers (position, output) from all replicas of all
+workers, and each row is stored at its position (`Rows`: in memory, or in files on local disk so a large split needs
+O(batch) memory), so padding can neither duplicate nor drop an example: a repeated or missing position is an error.
 """
 import dataclasses
 import os

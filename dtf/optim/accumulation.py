@@ -14,17 +14,17 @@ saved at an epoch's end holds no pending gradients, and LR schedules in epochs s
 per epoch). Keras's own accumulation (`iterations % k`) lets windows run across epochs instead.
 
 The wrapper is also the one place that sees each replica's gradient before the all-reduce and the all-reduced one
-after it, so it hosts the gradient-noise-scale measurement (`dtf.optim.noise_scale`) and gradient clipping, with or without
-accumulation. Keras clips in `apply`, i.e. each replica's share before the all-reduce (base_optimizer.py `apply` →
-`_clip_gradients`, then tensorflow/optimizer.py `_backend_update_step` → `_all_reduce_sum_gradients`), so a clip that
+after it, so it hosts the gradient-noise-scale measurement (`dtf.optim.noise_scale`) and gradient clipping, with or
+without accumulation. Keras clips in `apply`, i.e. each replica's share before the all-reduce (base_optimizer.py `apply`
+→ `_clip_gradients`, then tensorflow/optimizer.py `_backend_update_step` → `_all_reduce_sum_gradients`), so a clip that
 binds would change training with the replica count; here the all-reduced gradient is clipped, as on one device.
 """
 import keras
 import tensorflow as tf
 from keras import ops
-from keras.src.utils import tracking  # as Keras's own LossScaleOptimizer: build's lists are not auto-tracked
 
 from dtf.optim import noise_scale as noise_lib
+from dtf.upstream import keras as keras_upstream, tensorflow as tf_upstream
 
 
 @keras.saving.register_keras_serializable(package="dtf")
@@ -56,10 +56,9 @@ class GradientAccumulation(keras.optimizers.Optimizer):
         self.noise_scale = None
         if self.noise_scale_batch or self.clipnorm or self.global_clipnorm or self.clipvalue:
             # Hook where Keras's TF optimizer all-reduces, to see the all-reduced gradient.
-            self._inner_all_reduce = inner_optimizer._all_reduce_sum_gradients  # pylint: disable=protected-access
-            inner_optimizer._all_reduce_sum_gradients = self._all_reduce_hook  # pylint: disable=protected-access
+            self._inner_all_reduce = keras_upstream.hook_gradient_all_reduce(inner_optimizer, self._all_reduce_hook)
 
-    @tracking.no_automatic_dependency_tracking
+    @keras_upstream.no_automatic_dependency_tracking
     def build(self, var_list):
         replicas = self._distribution_strategy.num_replicas_in_sync
         self._accumulators = []
@@ -132,7 +131,7 @@ class GradientAccumulation(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(mean, tvs)
 
         is_update = self._window_ends
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        if tf_upstream.supports_no_merge_call():
             ops.cond(is_update(), update, lambda: None)
             return
 

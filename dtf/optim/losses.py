@@ -11,6 +11,7 @@ from keras import ops
 
 from dtf.base.errors import UserError
 from dtf.base.logs import get_logger
+from dtf.upstream import keras as keras_upstream
 
 log = get_logger(__name__)
 
@@ -29,11 +30,9 @@ class ReplicaMean(keras.losses.Loss):
         super().__init__(name=name or self.loss.name, reduction=None, **kwargs)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        from keras.src.losses.loss import scale_loss_for_distribution
-
         value = self.loss(y_true, y_pred, sample_weight)
         rows = ops.shape(keras.tree.flatten(y_pred)[0])[0]
-        return scale_loss_for_distribution(ops.where(rows > 0, value, ops.zeros_like(value)))
+        return keras_upstream.scale_loss_for_distribution(ops.where(rows > 0, value, ops.zeros_like(value)))
 
     def get_config(self):
         return {"loss": keras.saving.serialize_keras_object(self.loss), "name": self.name}
@@ -46,9 +45,7 @@ def as_loss(loss) -> keras.losses.Loss:
     fn = keras.losses.get(loss)
     if isinstance(fn, keras.losses.Loss):
         return fn
-    from keras.src.losses.losses import LossFunctionWrapper
-
-    return LossFunctionWrapper(fn, name=getattr(fn, "__name__", None))
+    return keras_upstream.LossFunctionWrapper(fn, name=getattr(fn, "__name__", None))
 
 
 def reduction(loss, y_true, y_pred, label: str = "loss") -> str:

@@ -49,6 +49,15 @@ def scaled_lr(base_lr: float, global_batch_size: int, reference_batch_size: int 
 
     `linear` (Goyal et al. 2017, SGD) multiplies by k = global / reference, `sqrt` (Adam-type, LAMB paper) by sqrt(k),
     `none` keeps `base_lr`. With gradient accumulation pass the effective batch (global × accumulation steps).
+
+    Args:
+        base_lr: the LR tuned at `reference_batch_size` (finite, > 0).
+        global_batch_size: the batch of one update, summed over all replicas.
+        reference_batch_size: the global batch `base_lr` was tuned for.
+        rule: linear, sqrt or none.
+
+    Raises:
+        UserError: a value out of range or an unknown rule.
     """
     rule = _check_scaling(base_lr, global_batch_size, reference_batch_size, rule)
     k = global_batch_size / reference_batch_size
@@ -150,6 +159,15 @@ def build_schedule(name: str, peak_lr: float, total_steps: int, steps_per_epoch:
     Warmup is `warmup_steps`, or `warmup_epochs` × `steps_per_epoch` rounded. `decay_boundaries_epochs` (for `step`)
     count from the start of training and must fall after warmup and before the end. `final_lr` is where `cosine` and
     `polynomial` (`power`) end; `decay_rate` is the factor applied at each `step` boundary.
+
+    Args:
+        name: the decay after warmup: constant, cosine, step or polynomial.
+        peak_lr: the LR reached at the end of warmup (`scaled_lr`).
+        total_steps: optimizer updates in the whole run.
+        steps_per_epoch: optimizer updates per epoch (converts the epoch arguments).
+        warmup_epochs, warmup_steps: warmup length (steps win).
+        warmup_start_lr: where the warmup ramp starts (default 0; a run starts at min(base_lr, peak_lr)).
+        decay_boundaries_epochs, decay_rate, final_lr, power: the decay's shape (see above).
     """
     name = _pick(name, SCHEDULES, "--lr_schedule")
     if not (math.isfinite(peak_lr) and peak_lr > 0):
@@ -237,9 +255,9 @@ def updates(batches: int, accumulation_steps: Optional[int]) -> int:
 
 
 def _check_large_batch(steps: Optional[int], measure_noise_scale: bool, per_replica_batch_size: Optional[int]) -> int:
-    """dtf's own accumulation (`dtf.optim.accumulation`) works under every strategy, unlike Keras's (keras-team/keras#20582,
-    measured: Keras's fails while tracing under Mirrored and MultiWorkerMirrored). The noise scale compares two batch
-    sizes, so it needs >= 2 replicas or accumulation."""
+    """dtf's own accumulation (`dtf.optim.accumulation`) works under every strategy, unlike Keras's
+    (keras-team/keras#20582, measured: Keras's fails while tracing under Mirrored and MultiWorkerMirrored). The noise
+    scale compares two batch sizes, so it needs >= 2 replicas or accumulation."""
     steps = 1 if steps is None else steps
     if steps < 1:
         raise UserError(f"--gradient_accumulation_steps={steps} must be >= 1")
@@ -268,8 +286,8 @@ def build_optimizer(name: str, learning_rate: Union[float, keras.optimizers.sche
     momentum, which defaults to `DEFAULT_SGD_MOMENTUM`. `weight_decay` is decoupled (w -= lr·wd·w) in every Keras 3
     optimizer, so it is accepted for all; for LARS it is the paper's coupled decay inside the trust ratio. AdamW keeps
     Keras's 0.004 when it is not given. With `gradient_accumulation_steps` > 1, `measure_noise_scale` (which needs
-    the `per_replica_batch_size`) or a clip the optimizer is wrapped in `dtf.optim.accumulation.GradientAccumulation`, which
-    clips the all-reduced gradient (Keras clips each replica's share), so N replicas train as one device does;
+    the `per_replica_batch_size`) or a clip the optimizer is wrapped in `dtf.optim.accumulation.GradientAccumulation`,
+    which clips the all-reduced gradient (Keras clips each replica's share), so N replicas train as one device does;
     `steps_per_epoch` (batches) ends each epoch's accumulation with the batches left.
     """
     name = _pick(name, OPTIMIZERS, "--optimizer")

@@ -1,6 +1,7 @@
 """Distributed Keras Tuner sweeps for `dtf.tune --num_tuners=N`: one chief process serving keras-tuner's oracle and N
-tuner workers on 127.0.0.1 (or the KERASTUNER_* variables of a user's cluster), plus the repairs keras-tuner 1.4.8's
-oracle needs so a sweep whose chief was killed resumes with no trial lost or run twice.
+tuner workers on 127.0.0.1 (or the KERASTUNER_* variables of a user's cluster). The repairs keras-tuner 1.4.8's
+oracle needs so a sweep whose chief was killed resumes with no trial lost or run twice are in
+`dtf.upstream.keras_tuner.repair_reloaded_oracle`.
 """
 import os
 import sys
@@ -45,7 +46,8 @@ def _strip_flag(args: Sequence[str], name: str) -> List[str]:
 
 
 def launch(argv: Sequence[str], num_tuners: int) -> int:
-    """Run the chief (oracle) + `num_tuners` tuner workers on 127.0.0.1 with dtf.cluster.procs; the exit status of the group."""
+    """Run the chief (oracle) + `num_tuners` tuner workers on 127.0.0.1 with dtf.cluster.procs; the exit status of the
+    group."""
     import threading
 
     from dtf.base import exitcodes
@@ -106,16 +108,15 @@ def serve_oracle(tuner, expected: Optional[set]):
     from concurrent import futures
 
     import grpc
-    from keras_tuner.src import protos
-    from keras_tuner.src.distribute import oracle_chief
-    from keras_tuner.src.engine import trial as trial_module
+    from keras_tuner.engine import trial as trial_module
 
     from dtf.base.errors import UserError
+    from dtf.upstream import keras_tuner as kt_upstream
 
     oracle = tuner.oracle
     stopped = set()
 
-    class Servicer(oracle_chief.OracleServicer):
+    class Servicer(kt_upstream.OracleServicer):
         def CreateTrial(self, request, context):
             trial = self.oracle.create_trial(request.tuner_id)
             if trial.status == trial_module.TrialStatus.STOPPED:
@@ -123,7 +124,7 @@ def serve_oracle(tuner, expected: Optional[set]):
                 stopped.add(request.tuner_id)
             elif trial.status == trial_module.TrialStatus.RUNNING:
                 print(f"dtf.tune: trial {trial.trial_id} -> {request.tuner_id}", flush=True)
-            return protos.get_service().CreateTrialResponse(trial=trial.to_proto())
+            return kt_upstream.create_trial_response(trial)
 
         def EndTrial(self, request, context):
             response = super().EndTrial(request, context)
@@ -139,7 +140,7 @@ def serve_oracle(tuner, expected: Optional[set]):
     address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     servicer = Servicer(oracle)
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    kt_upstream.add_oracle_servicer(servicer, server)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:
@@ -152,41 +153,9 @@ def serve_oracle(tuner, expected: Optional[set]):
     try:
         while True:
             time.sleep(0.2)
-            if (servicer.stop_triggered and oracle_chief.exit_chief(oracle)
+            if (servicer.stop_triggered and kt_upstream.chief_may_exit(oracle)
                     and (expected is None or expected <= stopped)):
                 break
     finally:
         server.stop(grace=5).wait()
 
-
-def repair_reloaded_oracle(oracle):
-    """After a kill, make keras-tuner's reloaded oracle finish the sweep without losing or repeating a trial.
-
-    - A trial saved as RUNNING but missing from oracle.json's ongoing trials (killed between the two writes) is never
-      run again by keras-tuner: queue it for a rerun like the ongoing ones.
-    - keras-tuner queues every trial that oracle.json lists as ongoing for a rerun, but it saves oracle.json before
-      removing a finished trial from the ongoing ones: drop trials whose own trial.json says they finished.
-    - GridSearchOracle does not save its ordered list of tried combinations: after a reload it either stops early or
-      fails with a KeyError. Rebuild it from the trials.
-    """
-    import functools
-
-    from keras_tuner.src.engine import trial as trial_module
-
-    finished = (trial_module.TrialStatus.COMPLETED, trial_module.TrialStatus.FAILED)
-    oracle._retry_queue[:] = [t for t in oracle._retry_queue if oracle.trials[t].status not in finished]
-    ongoing = {t.trial_id for t in oracle.ongoing_trials.values()}
-    for trial_id, trial in sorted(oracle.trials.items()):
-        if (trial.status == trial_module.TrialStatus.RUNNING and trial_id not in oracle._retry_queue
-                and trial_id not in ongoing):
-            oracle._retry_queue.append(trial_id)
-    if hasattr(oracle, "_ordered_ids") and hasattr(oracle, "_populate_next") and oracle.trials:
-        from keras_tuner.src.tuners.gridsearch import LinkedList
-
-        ids = sorted(oracle.trials, key=functools.cmp_to_key(
-            lambda a, b: oracle._compare(oracle.trials[a].hyperparameters.values,
-                                         oracle.trials[b].hyperparameters.values)))
-        oracle._ordered_ids = LinkedList()
-        for trial_id in ids:
-            oracle._ordered_ids.insert(trial_id)
-        oracle._populate_next = list(ids)

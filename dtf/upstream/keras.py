@@ -14,13 +14,18 @@ tensorflow/tensorflow#72388, ray-project/ray#47464):
    metrics are scalars ("Invalid reduction dimension 0 for input with 0 dimensions"), and for a non-scalar it would
    also average within the tensor. Fix: `axis=None`, i.e. the mean across replicas, as in the single-worker path.
 
-The chief-aware file writing that Keras 3 also lacks lives in `dtf.experiment.callbacks`. Both patches are applied only under
-the Keras versions in `dtf.base.versions.KERAS_RANGE` (checked at `import dtf`), the second is a no-op outside
-multi-worker mode, and `apply()` is idempotent. Delete this module when Keras fixes the issues above.
+The chief-aware file writing that Keras 3 also lacks lives in `dtf.experiment.callbacks`. Both patches are applied only
+under the Keras versions in `dtf.base.versions.KERAS_RANGE` (checked at `import dtf`), the second is a no-op outside
+multi-worker mode, and `apply()` is idempotent. Delete them when Keras fixes the issues above.
+
+Below them, the other private Keras names dtf uses, each behind one function (verified on Keras 3.15.1; the table in
+BUILD_NOTES.md "Private upstream names"; tests/test_upstream.py fails when one changes shape).
 """
 import tensorflow as tf
 from keras.src import tree
 from keras.src.backend.tensorflow import trainer as tf_trainer
+from keras.src.losses import loss as loss_module, losses as losses_module
+from keras.src.utils import tracking
 
 _ORIGINAL_SYMBOLIC_BUILD = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
 _ORIGINAL_REDUCE_PER_REPLICA = tf_trainer.reduce_per_replica
@@ -60,3 +65,34 @@ def apply():
     their own strategy call it once before `model.fit`."""
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+# Used as they are; none is exported by Keras.
+# Divides a loss by the replica count as Keras divides its own per-example means (dtf.optim.losses.ReplicaMean;
+# BUILD_NOTES "Upstream bugs": Keras leaves scalar losses undivided).
+scale_loss_for_distribution = loss_module.scale_loss_for_distribution
+# The Loss that `compile` makes of a plain loss function.
+LossFunctionWrapper = losses_module.LossFunctionWrapper
+# Keeps the lists an optimizer's `build` assigns out of Keras's tracking, as Keras's own base optimizer does.
+no_automatic_dependency_tracking = tracking.no_automatic_dependency_tracking
+
+
+def symbolic_build(model, data_batch):
+    """Build `model`, its compiled metrics and optimizer from one batch without training, as `fit` does first
+    (`Model._symbolic_build`): the metric names are known only after it. No public equivalent."""
+    model._symbolic_build(data_batch=data_batch)  # pylint: disable=protected-access
+
+
+def set_resume_epoch(model, epoch):
+    """Set the epoch `fit` starts from, overriding its `initial_epoch` argument (None: use the argument). Keras's fit
+    reads `Model._initial_epoch`, which only its BackupAndRestore sets; dtf's BackupAndRestore sets it the same way."""
+    model._initial_epoch = epoch  # pylint: disable=protected-access
+
+
+def hook_gradient_all_reduce(optimizer, hook):
+    """Make `optimizer` call `hook(grads_and_vars)` where it all-reduces its gradients (TF backend,
+    `_all_reduce_sum_gradients`) and return the original function for the hook to call. The one place that sees the
+    gradient both before and after the all-reduce (dtf.optim.accumulation: clipping after it, the noise scale)."""
+    original = optimizer._all_reduce_sum_gradients  # pylint: disable=protected-access
+    optimizer._all_reduce_sum_gradients = hook  # pylint: disable=protected-access
+    return original
