@@ -158,8 +158,7 @@ def test_sigkilled_worker_resumes_the_task_to_the_uninterrupted_result(task_runs
     assert launcher.leftovers() == []
 
 
-# --- dtf.tune on a user task with a regression objective
-# ---------------------------------------------------------------
+# --- dtf.tune on a user task with a regression objective -----------------------------------------------------------
 
 @pytest.mark.slow
 def test_tune_task_on_a_regression_objective_and_train_the_best(tmp_path):

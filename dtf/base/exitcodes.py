@@ -4,11 +4,9 @@
 |---|---|---|
 | 0 | done | no |
 | 1 | crash (an unexpected exception, or any status not listed here) | yes, up to --max_restarts |
-| 2 | user error: a bad flag, value or file, or a write the environment refused (permission denied, disk full); the
-message names it | never |
+| 2 | user error: a bad flag, value or file, or a write the environment refused (permission denied, disk full); the message names it | never |
 | 3 | diverged: the loss became NaN/inf (lower the LR, add warmup, clip) | never |
-| 143 | preempted: on SIGTERM every worker stopped at one agreed step and the chief backed up there; the rerun resumes
-at that step | always (not counted as a restart) |
+| 143 | preempted: on SIGTERM every worker stopped at one agreed step and the chief backed up there; the rerun resumes at that step | always (not counted as a restart) |
 
 143 is what a shell reports for a process ended by SIGTERM (128 + 15), so a cluster manager that knows nothing of
 dtf reads a preempted dtf job the way it reads any job it terminated, and Kubeflow's `restartPolicy: ExitCode`
