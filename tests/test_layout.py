@@ -149,7 +149,7 @@ def _documented_names():
     names = set()
     for folder, _, files in os.walk(REPO):
         parts = os.path.relpath(folder, REPO).split(os.sep)
-        if any(part.startswith(".") or part in ("runs", "build") for part in parts):
+        if any(part.startswith(".") and part != "." or part in ("runs", "build") for part in parts):
             continue
         for name in files:
             if name.endswith((".md", ".flags")) or folder.endswith("examples"):

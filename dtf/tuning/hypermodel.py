@@ -8,6 +8,7 @@ import time
 from dtf.base.versions import load_tensorflow as _load_tensorflow
 
 _load_tensorflow()  # TensorFlow the dtf way (quiet, version-checked) before keras-tuner imports it
+from dtf.upstream import keras_tuner as _checked  # noqa: E402,F401  (keras-tuner's version, before it is used)
 import keras  # noqa: E402
 import keras_tuner as kt  # noqa: E402
 import tensorflow as tf  # noqa: E402
