@@ -2,9 +2,9 @@
 
 The tree is the architecture: `base`, `config`, `cluster` and `backends` never import TensorFlow; `distribute`,
 `optim`, `datasets`, `experiment`, `inference` and `benchmarks` load it the dtf way (quiet, version-checked) when first
-imported; `tuning` and `upstream` load it where they need it; the commands (`python -m dtf.run|launch|tune|predict|
-bench|batch_study`) sit on top. `import dtf` is light: a public name loads what it needs the first time it is used,
-e.g. `dtf.create_strategy` or `from dtf import callbacks`.
+imported; `tuning`, `tracking` (MLflow) and `upstream` load it where they need it; the commands
+(`python -m dtf.run|launch|tune|predict|bench|batch_study`) sit on top. `import dtf` is light: a public name loads
+what it needs the first time it is used, e.g. `dtf.create_strategy` or `from dtf import callbacks`.
 """
 import importlib as _importlib
 import importlib.abc as _importlib_abc

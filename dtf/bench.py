@@ -37,6 +37,8 @@ def _define(argv):
         flags.DEFINE_integer("bench_repeats", 3, "Alternating repeats; the median counts.", lower_bound=1, **kw)
         flags.DEFINE_integer("bench_epochs", 3, "overhead: epochs per fit (the first is not timed).", lower_bound=2,
                              **kw)
+        flags.DEFINE_bool("bench_parts", False, "overhead: also time dtf's fit without each of its callbacks, "
+                          "without any, and with the progress bar: what each part costs.", **kw)
         flags.DEFINE_list("bench_replicas", ["1", "2", "4"], "scaling: replica counts (mirrored).", **kw)
         flags.DEFINE_integer("num_workers", 0, "scaling: 1, 2, 4, ... and N worker processes (one replica each, "
                              "multi_worker on 127.0.0.1 through the launcher) instead of mirrored simulated CPU "
@@ -109,7 +111,7 @@ def overhead(config, flag_values) -> dict:
     epochs = flag_values.bench_epochs
     config = config.replace(epochs=epochs, validation_freq=epochs + 1)  # epochs as dtf.run trains them
     exp = _experiment(config)
-    result = lib.compare(exp, repeats=flag_values.bench_repeats)
+    result = lib.compare(exp, repeats=flag_values.bench_repeats, parts=flag_values.bench_parts)
     if exp.cluster.is_chief:
         print(f"experiment: {exp.describe()}; no validation")
         for name in ("dtf", "hand_written"):
@@ -118,6 +120,12 @@ def overhead(config, flag_values) -> dict:
         print(f"ratio dtf / hand-written examples/s: {result['ratio']:.3f}  (goal >= {result['goal']}; "
               f"{result['repeats']} alternating repeats of {result['epochs_per_fit']} epochs x "
               f"{result['steps_per_epoch']} steps after a warm-up fit each, first epoch of each fit untimed)")
+        if result["parts"]:
+            print("what each part of dtf's fit costs per step (its variant against the whole, medians):")
+        for name, part in result["parts"].items():
+            runs = ", ".join(f"{v:.2f}" for v in result["runs_step_ms"][name])
+            print(f"  {name:>24}: {part['cost_ms']:+7.2f} ms  ({part['variant']}: {part['variant_step_ms']:.2f} "
+                  f"ms/step; runs: {runs})")
     return result
 
 

@@ -47,7 +47,7 @@ from dtf.backends import slurm, tfjob as manifests
 from dtf.base import errors, exitcodes
 from dtf.base.errors import UserError
 from dtf.base.logs import get_logger
-from dtf.cluster import netns, procs, tf_config as cluster_lib
+from dtf.cluster import netns, procs, relay, tf_config as cluster_lib
 
 log = get_logger("dtf.launch")  # not __name__: that is "__main__" under `python -m`
 
@@ -339,14 +339,18 @@ def _main(argv: Sequence[str]) -> int:
         return exitcodes.OK
     if FLAGS.backend == "ray":
         return _ray(command)
+    relays = {}
     if FLAGS.isolate_network:
+        relays = relay.start_all(_http_tracking_uris(command))  # before isolating: their outer ends stay outside
         refused = netns.isolate()
         if refused:
+            relay.stop_all(relays)
             raise UserError(f"--isolate_network: cannot give the workers a private network here ({refused}); on a "
                             "trusted network, rerun with --noisolate_network")
         os.environ[netns.ISOLATED_ENV] = "1"
         log.info("launch: workers run in a private network namespace with loopback only: their TensorFlow servers "
                  "(which listen on every interface) are unreachable from other hosts")
+        relay.open_inside(relays)  # an http:// --tracking_uri stays reachable (dtf.cluster.relay)
     procs.raise_stopped_on_signals()
     try:
         return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout,
@@ -355,6 +359,17 @@ def _main(argv: Sequence[str]) -> int:
         log.info("launch: got %s; stopped all workers (they had %gs to back up)", signal.Signals(stop.signum).name,
                  FLAGS.preemption_grace_s)
         return 128 + stop.signum
+    finally:
+        relay.stop_all(relays)
+
+
+def _http_tracking_uris(command: Sequence[str]) -> List[str]:
+    """The http(s):// --tracking_uri of the command and of --evaluator (read through their flagfiles)."""
+    from dtf.config.flags import arg_value
+    from dtf.tracking.store import canonical, is_http
+
+    given = [arg_value(list(c), "tracking_uri") for c in (command, evaluator_command() or [])]
+    return [canonical(uri) for uri in given if uri and is_http(canonical(uri))]
 
 
 if __name__ == "__main__":

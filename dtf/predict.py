@@ -9,6 +9,7 @@ in input order (row/id i is example i of the split), to .npy, .npz, .csv (an `id
 its task flags) or --dataset/--data_dir come from the run's flags.txt; the default --split is the split the run
 evaluated on (a task's validation split, else its test split; a built-in dataset's test split, else validation).
 """
+import contextlib
 import glob
 import os
 import sys
@@ -23,7 +24,7 @@ log = get_logger("dtf.predict")  # at import, like dtf.launch: dtf's log keeps t
 # Config fields predict shares with dtf.run: where it runs and what it reads (not how training goes).
 SHARED = ("strategy", "num_cpu_devices", "num_gpus", "communication", "cross_device_ops", "num_packs",
           "cluster_timeout", "worker_hosts", "task_index", "cluster_resolver", "task", "dataset", "data_dir",
-          "global_batch_size", "progress")
+          "global_batch_size", "progress", "tracking_uri", "experiment_name")
 # What --model_dir's flags.txt gives when the command line names no data (predict's --model is a file, not the run's).
 RUN_DATA_FLAGS = ("task", "dataset", "data_dir")
 PROGRESS_EVERY_S = 5.0
@@ -111,12 +112,27 @@ def _check_fit(model, split, preprocess_batch, model_label: str, data_label: str
                                         "; give the --task or --dataset it was trained on")
 
 
-def _body(rest):
-    from dtf.base import versions
+def _tracker(config, cluster):
+    """The --tracking_uri tracker on the chief, checked before anything is written (None: not tracked here)."""
+    if not config.tracking_uri or not cluster.is_chief:
+        return None
+    from dtf.tracking.tracker import Tracker
 
-    versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
+    tracker = Tracker.from_config(config, "dtf.predict")
+    tracker.check()
+    return tracker
+
+
+def _body(rest):
     from absl import flags
 
+    from dtf.base import versions
+
+    if flags.FLAGS.tracking_uri:
+        from dtf.tracking import store
+
+        store.require_mlflow()  # a missing `mlflow` extra is one line, before TensorFlow loads
+    versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from dtf.config.config import Config
     from dtf.distribute import strategy as strategy_lib
     from dtf.experiment import progress as progress_lib, train
@@ -130,6 +146,7 @@ def _body(rest):
         raise UserError("--output is required, e.g. --output=preds.csv (or .npy, .npz, .tfrecord)")
     path = model_path(FLAGS.model, FLAGS.model_dir)
     cluster = train.resolve_cluster(config)
+    tracker = _tracker(config, cluster)
     if cluster.is_chief:
         prediction_files.check_target(FLAGS.output, FLAGS.overwrite)
     strategy = train.create_strategy(config)
@@ -151,13 +168,20 @@ def _body(rest):
             log.info(f"predicted {done}/{split.num_examples} examples ({100 * done // split.num_examples}%), "
                      f"{progress_lib.rate(done, seconds)}")
 
+    tracking = tracker.prediction(FLAGS.output, dict(
+        model=path, data=data_label, split=split.split, output_values=FLAGS.output_values,
+        global_batch_size=global_batch, strategy=strategy_lib.strategy_name(strategy),
+        num_replicas=strategy.num_replicas_in_sync, num_workers=cluster.num_workers),
+        FLAGS.model_dir) if tracker else contextlib.nullcontext()
     # The chief streams each gathered batch to local disk, then converts it to --output; the others only check.
-    with inference.Rows(split.num_examples, f"{split.name} {split.split}",
-                        "disk" if cluster.is_chief else "none") as rows:
+    with tracking as run, inference.Rows(split.num_examples, f"{split.name} {split.split}",
+                                         "disk" if cluster.is_chief else "none") as rows:
         result = inference.predict(model, strategy, split, global_batch, preprocess_batch=preprocess_batch,
                                    values=FLAGS.output_values, on_step=progress, rows=rows)
         if cluster.is_chief:
             prediction_files.write(FLAGS.output, rows, overwrite=FLAGS.overwrite)
+        if run is not None:
+            tracker.log_prediction(run, result, FLAGS.output)
     if cluster.is_chief:
         summary = (f"dtf.predict: {result.num_examples} examples in {result.seconds:.2f}s: "
                    f"{result.examples_per_sec:.0f} examples/s on {result.num_replicas} replica(s) "

@@ -64,12 +64,23 @@ def _body(rest):
     from dtf.config import flags as dtf_flags
 
     config = dtf_flags.config_from_flags()  # the flags' own checks first: instant, before TensorFlow loads
+    checked = None
+    if config.tracking_uri:  # a missing `mlflow` extra or an unreachable store: one line, before TensorFlow loads
+        from dtf.tracking import store
+
+        checked = store.Store(config.tracking_uri)
+        checked.check(config.experiment_name)
     versions.load_tensorflow()  # quiet, version-checked, before anything else imports it
     from dtf.base.errors import UserError
     from dtf.cluster import tf_config as cluster_lib
     from dtf.experiment.summaries import EPOCH_SCALARS
     from dtf.experiment.train import run_experiment
 
+    tracker = None
+    if config.tracking_uri:
+        from dtf.tracking.tracker import Tracker
+
+        tracker = Tracker.from_config(config, "dtf.run", checked)
     if flags.FLAGS.mode == "evaluate_continuously" or cluster_lib.parse_tf_config().task_type == "evaluator":
         from dtf.experiment import evaluator
         from dtf.tuning.objectives import objective_direction
@@ -80,10 +91,11 @@ def _body(rest):
         except UserError:
             raise UserError(f"--best_metric={metric}: cannot tell whether lower or higher is better; name a loss or "
                             "error (lower) or an accuracy, AUC, precision or recall (higher)") from None
-        results = evaluator.evaluate_continuously(config, metric, direction, flags.FLAGS.eval_timeout_s)
+        results = evaluator.evaluate_continuously(config, metric, direction, flags.FLAGS.eval_timeout_s,
+                                                  on_scores=tracker.evaluator(config.model_dir) if tracker else None)
         print(f"dtf: evaluated {len(results['checkpoints'])} checkpoint(s); best: {results['best']}")
         return 0
-    summary = run_experiment(config, restart=flags.FLAGS.restart)
+    summary = run_experiment(config, restart=flags.FLAGS.restart, tracker=tracker)
     if summary.get("already_finished"):
         if cluster_lib.parse_tf_config().is_chief:
             shown = " ".join(f"{k}={v:.4f}" for k, v in summary["final_metrics"].items() if k not in EPOCH_SCALARS)

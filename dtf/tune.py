@@ -26,6 +26,7 @@ the chief writes results.csv, best.flags and the plot. Rerunning the same comman
 when the sweep was killed are run again). With those KERASTUNER_* variables already set (your own cluster), dtf.tune
 just runs as that role.
 """
+import contextlib
 import os
 import signal
 import sys
@@ -107,7 +108,8 @@ def _serve_as_chief(tuner):
     distributed.serve_oracle(tuner, expected)
 
 
-def _report(tuner, tune_dir: str, config, objective: str, direction: str, ran: int, start: float) -> int:
+def _report(tuner, tune_dir: str, config, objective: str, direction: str, ran: int, start: float,
+            sweep=None) -> int:
     """Print the results table and the best trial; rewrite results.csv, the plot and best.flags only when the results
     changed (or a file is missing), so a finished sweep's rerun leaves them as they are."""
     import tensorflow as tf
@@ -120,12 +122,17 @@ def _report(tuner, tune_dir: str, config, objective: str, direction: str, ran: i
     if changed or not tf.io.gfile.exists(os.path.join(tune_dir, results.PLOT)):
         results.plot(rows, tune_dir, objective)
     best = results.best_row(rows, direction)
+    files = [os.path.join(tune_dir, name) for name in (results.RESULTS, results.PLOT, results.BEST_FLAGS)]
     if best is None:
+        if sweep is not None:
+            sweep.report(rows, None, files)
         raise UserError(f"no trial of the {len(rows)} completed (see {tune_dir}/{results.RESULTS}); lower "
                         "--tune_base_lr or add warmup")
     path = os.path.join(tune_dir, results.BEST_FLAGS)
     if changed or not tf.io.gfile.exists(path):
         results.write_best_flags(best, tune_dir, config)
+    if sweep is not None:
+        sweep.report(rows, best, files)
     print(f"dtf.tune: best trial {best['trial']}: {objective}={float(best['objective']):.4f} "
           f"(global batch {best['global_batch_size']}, base_lr {float(best['base_lr']):.4g}, peak LR "
           f"{float(best['peak_lr']):.4g}); train it: python -m dtf.run --flagfile={path}")
@@ -136,6 +143,10 @@ def _body(rest):
     from absl import flags
 
     FLAGS = flags.FLAGS
+    if FLAGS.tracking_uri:
+        from dtf.tracking import store
+
+        store.require_mlflow()  # a missing `mlflow` extra is one line, before anything starts
     space = parse_space(FLAGS)
     tuner_name, objective = FLAGS.tuner, FLAGS.objective
     if tuner_name not in TUNERS:  # before importing TensorFlow: fail fast
@@ -165,12 +176,19 @@ def _body(rest):
                    FLAGS.executions_per_trial)
     task = task_lib.from_config(config)
     check_against_data(space, config, strategy, cluster, task, objective)
+    sweep = None
+    if config.tracking_uri:  # a parent run for the sweep, a child run per trial (dtf.tracking.sweep)
+        from dtf.tracking.sweep import Sweep
+        from dtf.tracking.tracker import Tracker
+
+        sweep = Sweep(Tracker.from_config(config, "dtf.tune"), tune_dir)
+        sweep.tracker.check()  # an unreachable store is one line, before anything is written
     train.check_model_dir(tune_dir, "--tune_dir")
     check_signature(tune_dir, space_signature(space, FLAGS), write=role in (None, "chief"))
 
     from dtf.tuning.hypermodel import DtfHyperModel
 
-    hypermodel = DtfHyperModel(space, strategy, cluster, tune_dir, task, objective)
+    hypermodel = DtfHyperModel(space, strategy, cluster, tune_dir, task, objective, sweep)
     tuner = make_tuner(tuner_name, hypermodel, objective, direction, FLAGS.max_trials, FLAGS.executions_per_trial,
                        tune_dir, strategy, config.seed, config.epochs)
     tuner.oracle.verbose = 0
@@ -183,11 +201,13 @@ def _body(rest):
 
     kt_upstream.repair_reloaded_oracle(tuner.oracle)
     before = len(tuner.oracle.trials)
-    if role == "chief":
-        _serve_as_chief(tuner)
-    else:
-        _search(tuner, hypermodel, config)
-    return _report(tuner, tune_dir, config, objective, direction, len(tuner.oracle.trials) - before, start)
+    with sweep.serving(sweep.params(config, FLAGS)) if sweep else contextlib.nullcontext():
+        if role == "chief":
+            _serve_as_chief(tuner)
+        else:
+            _search(tuner, hypermodel, config)
+        return _report(tuner, tune_dir, config, objective, direction, len(tuner.oracle.trials) - before, start,
+                       sweep)
 
 
 def main(argv=None):

@@ -166,6 +166,7 @@ TRAIN_IDS = 96  # 8 TFRecord files of 12
 EVAL_FILE_LENGTHS = [13, 10, 13, 10, 12, 10, 12, 10]  # 90, uneven: 2 pipelines get 50 and 40
 EVAL_RECORDS = 81  # 2 pipelines by records get 41 and 40: 6 and 5 batches of 8, with known cardinality
 GLOBAL_BATCH = 16
+STREAM_PASS_STEPS = 62  # the default experiment's pass, for the streaming-epoch checks (30-step epochs)
 SHAPES_BATCH = 200
 WEIGHTS = np.array([[0.5, -1.0, 0.25], [1.5, 0.5, -0.5], [-1.0, 0.75, 1.0], [0.25, -0.5, 2.0]], np.float32)
 

@@ -108,11 +108,11 @@ def test_bottleneck_cli_on_four_replicas_writes_its_json(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # written atomically
 
 
-def test_overhead_reduced_run_prints_both_step_times(tmp_path, capsys):
+def test_overhead_reduced_run_prints_both_step_times_and_what_each_part_costs(tmp_path, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, out, err = _run_cli(["dtf.bench", "overhead", f"--task={tasks_for_tests_spec()}", "--strategy=one_device",
-                                   "--global_batch_size=32", f"--model_dir={tmp_path}",
+                                   "--global_batch_size=32", f"--model_dir={tmp_path}", "--bench_parts",
                                    "--steps_per_epoch=4", "--bench_epochs=2", "--bench_repeats=1"], capsys)
     assert code == 0, err
     assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
@@ -121,6 +121,12 @@ def test_overhead_reduced_run_prints_both_step_times(tmp_path, capsys):
     assert set(times) == {"dtf", "hand-written"} and all(0 < t < math.inf for t in times.values())
     ratio = float(re.search(r"ratio dtf / hand-written examples/s: ([0-9.]+)", out).group(1))
     assert ratio == pytest.approx(times["hand-written"] / times["dtf"], rel=0.02)
+    parts = {name: (float(cost), sign, float(ms)) for name, cost, sign, ms in re.findall(
+        r"^\s+([\w ]+):\s+([+-][0-9.]+) ms  \(dtf (with|without) [\w ]+: ([0-9.]+) ms/step", out, re.M)}
+    assert set(parts) == {"TerminateOnNaN", "BackupAndRestore", "TrainingScalars", "TensorBoard", "Preemption",
+                          "the callbacks", "the progress bar"}, out
+    for cost, sign, ms in parts.values():  # the cost is the variant's difference from the whole, signed by the part
+        assert cost == pytest.approx((ms - times["dtf"]) * (1 if sign == "with" else -1), abs=0.02)
 
 
 def tasks_for_tests_spec():

@@ -20,8 +20,8 @@ import tensorflow as tf
 from dtf import datasets
 from dtf.distribute import inputs as data
 from dtf.base.errors import UserError
-from helpers import (EVAL_FILE_LENGTHS, EVAL_RECORDS, GLOBAL_BATCH, TRAIN_IDS, WEIGHTS, PipelineStrategy, parse_id,
-                     with_id, write_id_files)
+from helpers import (EVAL_FILE_LENGTHS, EVAL_RECORDS, GLOBAL_BATCH, STREAM_PASS_STEPS, TRAIN_IDS, WEIGHTS,
+                     PipelineStrategy, parse_id, with_id, write_id_files)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,11 +175,42 @@ def test_share_sizes_and_shorter_epochs(id_files):
     assert data.share_sizes(split, 1) == ("none", [90])
     assert data.share_sizes(split, 2) == ("files", [50, 40])
     assert data.share_sizes(split, 16) == ("records", [6] * 10 + [5] * 6)
-    d = data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, steps_per_epoch=2)
+    d = data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, steps_per_epoch=2, epoch_mode="pass")
     first, second = [batches(d.dataset[0], 4)[i:i + 2] for i in (0, 2)]
-    assert d.steps_per_epoch == 2 and first != second
-    with pytest.raises(UserError, match="^steps_per_epoch=6 must be between 1 and 5"):
-        data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, steps_per_epoch=6)
+    assert (d.steps_per_epoch, d.epoch_mode) == (2, "pass") and first != second
+    assert set(flat([first])) & set(flat([second])), "each pass-mode epoch is a fresh pass (ids may repeat)"
+    with pytest.raises(UserError, match="^steps_per_epoch=6 is more than one pass over the data \\(5 steps\\); with "
+                                        "epoch_mode=pass an epoch is at most one pass") as e:
+        data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, steps_per_epoch=6, epoch_mode="pass")
+    assert "lower --steps_per_epoch, or use --epoch_mode=stream" in e.value.as_flags()
+
+
+@pytest.mark.parametrize("steps_per_epoch", [2, 3, 7])
+def test_streaming_epochs_are_windows_of_one_stream_of_exact_passes(steps_per_epoch):
+    """Epochs of 2, 3 and 7 steps over a 5-step pass read one stream: pass p is the shuffle of (seed, p), every id
+    once per pass, whatever the epoch length; a resume at any (epoch, step) continues that stream exactly."""
+    whole = data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, seed=3)
+    assert (whole.steps_per_epoch, whole.epoch_mode, whole.steps_per_pass) == (5, "pass", 5)
+    stream = batches(whole.dataset[0], 20)
+    assert all(sorted(flat([stream[p * 5:(p + 1) * 5]])) == list(range(40)) for p in range(4))
+    assert stream[:5] != stream[5:10]
+    d = data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, seed=3, steps_per_epoch=steps_per_epoch)
+    assert (d.steps_per_epoch, d.epoch_mode, d.steps_per_pass) == (steps_per_epoch, "stream", 5)
+    assert batches(d.dataset[0], 20) == stream
+    for epoch, step in [(1, 0), (1, 1), (2, steps_per_epoch - 1)]:
+        position = epoch * steps_per_epoch + step
+        resumed = data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, seed=3, steps_per_epoch=steps_per_epoch,
+                                          initial_epoch=epoch, initial_step=step)
+        assert batches(resumed.dataset[0], 20 - position) == stream[position:], (epoch, step)
+
+
+def test_stream_and_pass_epochs_are_the_same_at_one_pass_and_a_mode_is_named():
+    one_pass = [data.distribute_dataset(PipelineStrategy(2, 4), tf.data.Dataset.range(TRAIN_IDS).map(with_id),
+                                        GLOBAL_BATCH, seed=5, epoch_mode=mode) for mode in ("stream", "pass")]
+    assert [d.epoch_mode for d in one_pass] == ["stream", "pass"]
+    assert [batches(ds, 24) for ds in one_pass[0].dataset] == [batches(ds, 24) for ds in one_pass[1].dataset]
+    with pytest.raises(UserError, match="^epoch_mode='window' is not valid; choose one of: auto, stream, pass$"):
+        data.distribute_dataset(PipelineStrategy(1, 1), source(), 8, epoch_mode="window")
 
 
 def test_function_source_shards_itself_and_sizes_are_counted():
@@ -217,7 +248,7 @@ import keras
 import tensorflow as tf
 from dtf.distribute import inputs as data
 sys.path.insert(0, os.environ["PROBE_TESTS"])
-from helpers import EVAL_RECORDS, GLOBAL_BATCH, SHAPES_BATCH, WEIGHTS, parse_id, with_id
+from helpers import EVAL_RECORDS, GLOBAL_BATCH, SHAPES_BATCH, STREAM_PASS_STEPS, WEIGHTS, parse_id, with_id
 
 spec = json.loads(os.environ["PROBE_SPEC"])
 
@@ -255,6 +286,11 @@ out["train_files"] = run(data.distribute_dataset(strategy, spec["train"], GLOBAL
                          ids, epochs=2)
 out["resumed_files"] = run(data.distribute_dataset(strategy, spec["train"], GLOBAL_BATCH, seed=5, preprocess=parse_id,
                                                    initial_epoch=1, initial_step=2), ids)
+# 30-step epochs streamed over 62-step passes: 5 epochs, then a resume in the middle of the second pass (step 70).
+out["stream"] = run(data.distribute_dataset(strategy, records(STREAM_PASS_STEPS * GLOBAL_BATCH), GLOBAL_BATCH, seed=5,
+                                            steps_per_epoch=30), ids, epochs=5)
+out["stream_resumed"] = run(data.distribute_dataset(strategy, records(STREAM_PASS_STEPS * GLOBAL_BATCH), GLOBAL_BATCH,
+                                                    seed=5, steps_per_epoch=30, initial_epoch=2, initial_step=10), ids)
 out["eval_records"] = run(data.distribute_dataset(strategy, records(EVAL_RECORDS), GLOBAL_BATCH, training=False),
                          ids, evaluation=True)
 out["eval_files"] = run(data.distribute_dataset(strategy, spec["eval"], GLOBAL_BATCH, training=False,
@@ -326,6 +362,12 @@ def check_probe(results, num_replicas, shapes_dir):
         assert all(len(part) == GLOBAL_BATCH // num_replicas for step in steps for part in step)
     resumed = merged(results, "resumed_files")
     assert resumed[:4] == merged(results, "train_files")[6 + 2:], "resume at epoch 1 step 2 differs"
+    stream, passes = merged(results, "stream"), STREAM_PASS_STEPS
+    assert len(stream) == 150 and results[0]["stream"]["steps_per_epoch"] == 30
+    for p in range(2):
+        assert sorted(flat(stream[p * passes:(p + 1) * passes])) == list(range(passes * GLOBAL_BATCH)), f"pass {p}"
+    assert flat(stream[:passes]) != flat(stream[passes:2 * passes])
+    assert merged(results, "stream_resumed") == stream[70:100], "the resumed stream differs from the uninterrupted"
     for key, size in (("eval_records", EVAL_RECORDS), ("eval_files", sum(EVAL_FILE_LENGTHS))):
         assert sorted(flat(merged(results, key))) == list(range(size)), key
         assert all(r[key]["exhausted"] for r in results), f"{key}: data left after steps_per_epoch"

@@ -18,7 +18,7 @@ PACKAGE = os.path.join(REPO, "dtf")
 # Lower layers never import higher ones; packages of one layer do not import each other. The commands
 # (`dtf/*.py`: run, launch, tune, predict, bench, batch_study and their shared `cli`) are the top.
 LAYERS = [{"base"}, {"config"}, {"cluster", "upstream"}, {"backends", "datasets", "optim"}, {"distribute"},
-          {"experiment"}, {"inference", "tuning", "benchmarks"}]
+          {"experiment"}, {"tracking"}, {"inference", "tuning", "benchmarks"}]
 COMMANDS = len(LAYERS)
 TENSORFLOW_FREE = ["base", "config", "cluster", "backends"]
 COMMAND_MODULES = ["dtf", "dtf.cli", "dtf.run", "dtf.launch", "dtf.tune", "dtf.predict", "dtf.bench", "dtf.batch_study"]

@@ -3,9 +3,14 @@
 Not a test: prints examples/s for both and their ratio (goal: dtf / hand-tuned >= 1.0). Each pipeline first runs
 `--warmup_steps` (filling caches and autotuning), then `--steps` are timed; runs alternate and the median counts, since
 the machine is shared. Nothing consumes the batches, so this measures the input pipeline at its limit; notes/data.md
-has the numbers and where dtf's per-epoch reshuffle costs time.
+has the numbers and where dtf's per-epoch reshuffle costs time. Besides examples/s it prints the process CPU time per
+step (tf.data's threads included), which other load on the machine changes little.
+
+With `--steps_per_epoch=N`, dtf's pipeline runs with N-step epochs in both epoch modes (stream, and pass when N is at
+most a pass), to show what a fresh pass per short epoch costs.
 
     python tools/bench_input.py [--dataset shapes/32x32x3] [--global_batch_size 256] [--no-cache] [--data_dir DIR]
+                                [--steps_per_epoch N]
 """
 import argparse
 import os
@@ -30,14 +35,16 @@ def hand_tuned(split: datasets.DatasetSplit, global_batch_size: int, cache: bool
         .prefetch(tf.data.AUTOTUNE)
 
 
-def examples_per_second(dataset, global_batch_size: int, warmup_steps: int, steps: int) -> float:
+def examples_per_second(dataset, global_batch_size: int, warmup_steps: int, steps: int):
+    """(examples/s, process CPU ms per step) over `steps` after `warmup_steps`."""
     iterator = iter(dataset)
     for _ in range(warmup_steps):
         next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         next(iterator)
-    return steps * global_batch_size / (time.perf_counter() - start)
+    cpu_ms = 1000 * (time.process_time() - cpu) / steps
+    return steps * global_batch_size / (time.perf_counter() - start), cpu_ms
 
 
 def main(argv=None):
@@ -50,24 +57,35 @@ def main(argv=None):
     parser.add_argument("--warmup_steps", type=int, default=40)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps_per_epoch", type=int, default=None)
     args = parser.parse_args(argv)
 
     split = datasets.load(args.dataset, "train", args.data_dir)
     strategy = tf.distribute.get_strategy()
-    candidates = {
-        "dtf": lambda: data.distribute_dataset(strategy, split, args.global_batch_size, cache=args.cache,
-                                               shuffle_buffer=args.shuffle_buffer).dataset,
-        "hand-tuned": lambda: hand_tuned(split, args.global_batch_size, args.cache, args.shuffle_buffer),
-    }
-    rates = {name: [] for name in candidates}
+    one_pass = split.num_examples // args.global_batch_size
+    modes = ["auto"] if args.steps_per_epoch is None else ["stream"] + (["pass"] * (args.steps_per_epoch <= one_pass))
+
+    def dtf(mode):
+        return lambda: data.distribute_dataset(strategy, split, args.global_batch_size, cache=args.cache,
+                                               shuffle_buffer=args.shuffle_buffer, steps_per_epoch=args.steps_per_epoch,
+                                               epoch_mode=mode).dataset
+
+    candidates = {("dtf" if mode == "auto" else f"dtf {mode}"): dtf(mode) for mode in modes}
+    candidates["hand-tuned"] = lambda: hand_tuned(split, args.global_batch_size, args.cache, args.shuffle_buffer)
+    runs = {name: [] for name in candidates}
     for _ in range(args.repeats):
         for name, build in candidates.items():
-            rates[name].append(examples_per_second(build(), args.global_batch_size, args.warmup_steps, args.steps))
-    median = {name: statistics.median(r) for name, r in rates.items()}
+            runs[name].append(examples_per_second(build(), args.global_batch_size, args.warmup_steps, args.steps))
+    median = {name: statistics.median(rate for rate, _ in r) for name, r in runs.items()}
     for name, rate in median.items():
-        print(f"{name:>10}: {rate:10.0f} examples/s  (runs: {', '.join(f'{r:.0f}' for r in rates[name])})")
-    print(f"ratio dtf / hand-tuned: {median['dtf'] / median['hand-tuned']:.2f}  "
-          f"({split.name}, global batch {args.global_batch_size}, cache={args.cache})")
+        cpu = statistics.median(ms for _, ms in runs[name])
+        print(f"{name:>10}: {rate:10.0f} examples/s, {cpu:6.2f} CPU ms/step  "
+              f"(runs: {', '.join(f'{r:.0f}' for r, _ in runs[name])})")
+    for name in candidates:
+        if name != "hand-tuned":
+            print(f"ratio {name} / hand-tuned: {median[name] / median['hand-tuned']:.2f}  ({split.name}, global batch "
+                  f"{args.global_batch_size}, cache={args.cache}, {args.steps_per_epoch or one_pass} steps per epoch, "
+                  f"{one_pass} per pass)")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ class PortTaken(DtfError):
                          f"{port_env}=<a free port> for the job")
 
 
+class TrackingUnavailable(UserError):
+    """The MLflow tracking store (--tracking_uri) did not answer within dtf's retry budget. Before a run starts that is
+    a user error (start the server or fix the URI; nothing is written); once it trains, dtf catches it and logs to a
+    local fallback file instead (dtf.tracking), so it never stops training."""
+
+
 class Stopped(BaseException):
     """SIGINT/SIGTERM to a process that runs a group: a BaseException so that it unwinds through `run_group`, which
     then stops every process of the group."""

@@ -20,7 +20,7 @@ from dtf.upstream import tensorflow as tf_upstream
 
 MODES = ("training", "input", "end_to_end")
 INPUT_BOUND_RATIO, COMPUTE_BOUND_RATIO = 1.25, 2.0
-WHOLE_EPOCHS_UP_TO = 4  # x the timed steps: longer epochs are timed inside one (bounds the run time)
+WHOLE_EPOCHS_UP_TO = 4  # x the timed steps: longer passes are timed inside one (bounds the run time)
 # Waiting below this is not called input-bound: on a shared machine (b) and (c) drift by ~15% between runs.
 INPUT_BOUND_WAIT = 0.25
 THRESHOLDS = (f"compute-bound when input >= {COMPUTE_BOUND_RATIO:g} x training examples/s (then waiting for input "
@@ -77,12 +77,14 @@ def measure(exp, model, steps: int = 50, warmup_steps: int = 10, repeats: int = 
     train_step = model.train_function
     per_call = model.steps_per_execution
     memory = iter(in_memory(exp.strategy, next(iter(data.dataset))))
-    # Each epoch starts by filling a shuffle buffer (while the previous epoch trains). Epochs of at most
-    # WHOLE_EPOCHS_UP_TO x `steps` steps are timed whole, past the first epoch, so a window holds one fill per epoch as
-    # training does; longer ones are timed within an epoch (a pipeline whose cost is that fill then looks faster).
-    epoch = data.steps_per_epoch
-    whole = epoch <= WHOLE_EPOCHS_UP_TO * steps
-    window, lead = (-(-steps // epoch) * epoch, epoch + warmup_steps) if whole else (steps, warmup_steps)
+    # Each pass starts by filling a shuffle buffer (while the previous pass trains): every epoch in pass mode, every
+    # pass when streaming. Passes of at most WHOLE_EPOCHS_UP_TO x `steps` steps are timed whole, past the first, so a
+    # window holds one fill per pass as training does; longer ones are timed within a pass (a pipeline whose cost is
+    # that fill then looks faster).
+    fill_every = data.steps_per_pass if data.epoch_mode == "stream" else data.steps_per_epoch
+    whole = fill_every <= WHOLE_EPOCHS_UP_TO * steps
+    window, lead = ((-(-steps // fill_every) * fill_every, fill_every + warmup_steps) if whole
+                    else (steps, warmup_steps))
     calls, warmup_calls = max(1, -(-window // per_call)), max(1, -(-lead // per_call))
 
     @tf.function

@@ -1,23 +1,29 @@
 """What dtf costs over hand-written Keras + tf.distribute (`python -m dtf.bench overhead`).
 
 The same task model, training data and strategy object are trained twice per repeat, alternating after one warm-up fit
-each: by dtf (`Experiment.build_model` + `Experiment.fit` with dtf's callbacks: backup, TensorBoard, training scalars)
+each: by dtf (`Experiment.build_model` + `Experiment.fit` with dtf.run's callbacks: backup, TensorBoard, training
+scalars, the NaN check and the preemption watcher)
 and by the script one writes from TensorFlow's tutorial (`experimental_distribute_dataset` of a shuffled, repeated,
 batched dataset; `compile` with the task's loss and a constant LR; `fit`). Neither validates. The steady-state step
 time of one fit is the time from the end of its first epoch to the end of its last, over the steps in between, so
 per-epoch costs (backups, summaries) count and tracing/pipeline start-up does not.
+
+With `parts`, dtf's fit is also timed without each of its callbacks in turn, without any, and with the progress bar
+(`--progress=bar`, drawn to /dev/null): what each costs is its variant's difference from the whole.
 """
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from typing import Dict
+from typing import Callable, Dict
 
 import keras
 import tensorflow as tf
 
 from dtf.distribute.strategy import strategy_name
+from dtf.experiment import preemption
+from dtf.experiment import progress as progress_lib
 from dtf.experiment import task as task_lib
 
 GOAL = 0.98  # dtf's examples/s over the hand-written script's
@@ -60,19 +66,42 @@ def hand_written_data(exp) -> tf.distribute.DistributedDataset:
     return exp.strategy.experimental_distribute_dataset(data.prefetch(tf.data.AUTOTUNE))
 
 
-def compare(exp, repeats: int = 3) -> Dict:
+def callback_names(exp) -> list:
+    """The names of the callbacks dtf.run's fit uses for `exp` (built in a throw-away directory)."""
+    work = tempfile.mkdtemp(prefix="dtf-overhead-")
+    try:
+        built = exp.callbacks(os.path.join(work, "tb"), os.path.join(work, "backup"))
+        return [type(cb).__name__ for cb in built] + [preemption.Preemption.__name__]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(exp, repeats: int = 3, parts: bool = False) -> Dict:
     """Steady-state step times of dtf and of the hand-written script on `exp` (its config's epochs >= 2 and
-    steps_per_epoch, no validation), alternating after a warm-up fit of each."""
+    steps_per_epoch, no validation), alternating after a warm-up fit of each; with `parts`, also dtf's fit without
+    each of its callbacks, without any, and with the progress bar (see the module doc)."""
     steps, epochs = exp.steps_per_epoch, exp.config.epochs
     dtf_model, hand_model = exp.build_model(), hand_written_model(exp)
     hand_data = hand_written_data(exp)
     work = tempfile.mkdtemp(prefix="dtf-overhead-")
+    sink = open(os.devnull, "w")
 
-    def dtf_fit(run: int) -> float:
-        clock = EpochClock()
-        callbacks = exp.callbacks(os.path.join(work, f"tb{run}"), os.path.join(work, f"backup{run}"))
-        exp.fit(dtf_model, callbacks + [clock], verbose=0)
-        return steady_step_s(clock, steps)
+    def dtf_fit(keep: Callable[[str], bool] = lambda name: True, progress: bool = False):
+        def fit(run: int) -> float:
+            del run
+            clock, fresh = EpochClock(), tempfile.mkdtemp(dir=work)  # a backup left there would end the fit at once
+            callbacks = exp.callbacks(os.path.join(fresh, "tb"), os.path.join(fresh, "backup"))
+            stop = preemption.Preemption(exp.cluster, exp.config.preemption_grace_s)
+            try:
+                stop.attach(exp.steps_per_epoch, callbacks)
+                callbacks = [cb for cb in [*callbacks, stop] if keep(type(cb).__name__)]
+                bar = progress_lib.TrainingProgress("bar", exp.plan.global_batch_size, sink) if progress else None
+                exp.fit(dtf_model, callbacks + [clock], verbose=0, progress=bar)
+            finally:
+                stop.close()
+            return steady_step_s(clock, steps)
+
+        return fit
 
     def hand_fit(run: int) -> float:
         del run
@@ -81,7 +110,13 @@ def compare(exp, repeats: int = 3) -> Dict:
         hand_model.fit(hand_data, epochs=epochs, steps_per_epoch=steps, callbacks=[clock], verbose=0, shuffle=False)
         return steady_step_s(clock, steps)
 
-    fits = {"dtf": dtf_fit, "hand_written": hand_fit}
+    fits = {"dtf": dtf_fit(), "hand_written": hand_fit}
+    added = {}  # part name -> +1: the variant adds it, -1: the variant leaves it out
+    if parts:
+        for name in dict.fromkeys(callback_names(exp)):
+            fits[name], added[name] = dtf_fit(keep=lambda other, name=name: other != name), -1
+        fits["the callbacks"], added["the callbacks"] = dtf_fit(keep=lambda name: False), -1
+        fits["the progress bar"], added["the progress bar"] = dtf_fit(progress=True), +1
     runs = {name: [] for name in fits}
     try:
         for name, fit in fits.items():
@@ -90,10 +125,15 @@ def compare(exp, repeats: int = 3) -> Dict:
             for name, fit in fits.items():
                 runs[name].append(fit(run))
     finally:
+        sink.close()
         shutil.rmtree(work, ignore_errors=True)
     step_s = {name: statistics.median(values) for name, values in runs.items()}
     return {"dtf_step_ms": 1000 * step_s["dtf"], "hand_written_step_ms": 1000 * step_s["hand_written"],
             "ratio": step_s["hand_written"] / step_s["dtf"], "goal": GOAL,
+            "parts": {name: {"variant_step_ms": 1000 * step_s[name],
+                             "cost_ms": 1000 * sign * (step_s[name] - step_s["dtf"]),
+                             "variant": f"dtf {'with' if sign > 0 else 'without'} {name}"}
+                      for name, sign in added.items()},
             "runs_step_ms": {name: [1000 * v for v in values] for name, values in runs.items()},
             "steps_per_epoch": steps, "epochs_per_fit": epochs, "repeats": repeats,
             "global_batch_size": exp.plan.global_batch_size, "num_replicas": exp.plan.num_replicas,

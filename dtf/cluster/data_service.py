@@ -4,8 +4,9 @@
 their own (`python -m dtf.cluster.data_service dispatcher|worker ...`) for the run's lifetime and stops them afterwards.
 
 Why the service keeps dtf's guarantees (see dtf.distribute.inputs for the pipeline it serves): each training input
-pipeline's epoch is split into `jobs` parts by batch position (batch i goes to part i % jobs). Each part is registered
-as its own dataset whose only source element is the part number (`from_tensors(k).flat_map(...)`), and read in
+pipeline's pass (with --epoch_mode=pass, the epoch cut from it) is split into `jobs` parts by batch position (batch i
+goes to part i % jobs). Each part is registered as its own dataset whose only source element is the part number
+(`from_tensors(k).flat_map(...)`), and read in
 `distributed_epoch` mode (ShardingPolicy.DYNAMIC): DYNAMIC hands each source split to one service worker, and one
 split means one worker produces the whole part, exactly once, in order. The consumer interleaves the parts
 round-robin, which restores the local order batch for batch. Splitting the real source instead (DYNAMIC over files
@@ -35,7 +36,7 @@ log = get_logger(__name__)
 
 FLAG = specs.DATA_SERVICE_FLAG
 HOST = "127.0.0.1"
-DEFAULT_JOBS = 4  # parts per epoch for a grpc:// service, whose worker count dtf does not know
+DEFAULT_JOBS = 4  # parts per pass for a grpc:// service, whose worker count dtf does not know
 START_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1
 
@@ -51,7 +52,7 @@ def reachable(address: str, timeout_s: float = 2.0) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Service:
-    """A usable service: `target` for tf.data (grpc://host:port) and how many parts to split each epoch into."""
+    """A usable service: `target` for tf.data (grpc://host:port) and how many parts to split each pass into."""
 
     target: str
     jobs: int

@@ -9,6 +9,8 @@ CROSS_DEVICE_OPS = ("nccl", "hierarchical_copy", "reduce_to_one")
 DEFAULT_CLUSTER_TIMEOUT_S = 180
 
 SHARDINGS = ("auto", "batch")
+# What a training epoch is (dtf.distribute.inputs.resolve_epoch_mode): auto, a window of a stream of passes, or a pass.
+EPOCH_MODES = ("auto", "stream", "pass")
 
 LR_SCALING_RULES = ("linear", "sqrt", "none")
 SCHEDULES = ("constant", "cosine", "step", "polynomial")

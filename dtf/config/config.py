@@ -10,8 +10,8 @@ from typing import Optional, Tuple
 from dtf.base.errors import UserError
 from dtf.base.exitcodes import PREEMPTION_GRACE_S
 from dtf.config import specs
-from dtf.config.choices import (COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, LR_SCALING_RULES,
-                                OPTIMIZERS, SCHEDULES, SHARDINGS, STRATEGIES)
+from dtf.config.choices import (COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, EPOCH_MODES,
+                                LR_SCALING_RULES, OPTIMIZERS, SCHEDULES, SHARDINGS, STRATEGIES)
 
 MAX_CPU_DEVICES = 256  # simulated replicas share one host's cores; more only makes TensorFlow stall at start-up
 
@@ -64,7 +64,7 @@ class Config:
                              "enough, else by records), or batch (every worker reads all of it and keeps its slice of "
                              "each global batch: the single-device batch sequence for any cluster size).",
                              SHARDINGS)
-    shuffle_buffer: int = _f(10_000, "data", "Shuffle buffer (examples); the next epoch's fills while this one "
+    shuffle_buffer: int = _f(10_000, "data", "Shuffle buffer (examples); the next pass's fills while this one "
                              "trains, so two are held.", positive=True)
     cache: bool = _f(False, "data", "Cache decoded examples in memory after the first epoch.")
     deterministic: bool = _f(True, "data", "Fixed element order in tf.data (needed for reproducible runs).")
@@ -110,6 +110,10 @@ class Config:
     epochs: int = _f(5, "training", "Training epochs.", positive=True)
     steps_per_epoch: Optional[int] = _f(None, "training", "Steps per epoch (default: one pass over the data).",
                                         positive=True)
+    epoch_mode: str = _f("auto", "training", "What an epoch is: stream (the next --steps_per_epoch steps of one "
+                         "continuous stream of shuffled passes; any length), pass (a fresh shuffled pass, cut at "
+                         "--steps_per_epoch), or auto (stream when --steps_per_epoch is not one pass, else pass).",
+                         EPOCH_MODES)
     validation_freq: int = _f(1, "training", "Validate every N epochs.", positive=True)
     steps_per_execution: int = _f(1, "training", "Steps run per tf.function call.", positive=True)
     mixed_precision: bool = _f(False, "training", "mixed_float16 (GPU) compute with float32 variables.")
@@ -130,6 +134,14 @@ class Config:
     progress: str = _f("auto", "outputs", "The chief's progress on stdout, with examples/s: bar (redrawn as steps "
                        "finish), epoch (one line per epoch: logs, CI, Slurm), none, or auto (bar on a terminal, "
                        "else epoch).", PROGRESS_MODES)
+    # --- tracking
+    tracking_uri: Optional[str] = _f(None, "tracking", "Also log the run to MLflow (the chief only): "
+                                     "http(s)://HOST:PORT of a tracking server, sqlite:///PATH, or a local directory; "
+                                     "params, metrics at their optimizer step, the model and the run's status. A "
+                                     "rerun continues the same MLflow run. Needs pip install -e '.[mlflow]'. Default: "
+                                     "off.")
+    experiment_name: str = _f("dtf", "tracking", "The MLflow experiment a --tracking_uri run is logged in (created "
+                              "if missing).")
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -154,6 +166,11 @@ class Config:
         if self.profile_steps and (len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]):
             raise UserError(f"--profile_steps={','.join(map(str, self.profile_steps))} must be two steps "
                             "START,STOP with 0 < START <= STOP, e.g. 10,15")
+        if self.tracking_uri is not None and not self.tracking_uri.strip():
+            raise UserError("--tracking_uri is empty; give an MLflow tracking URI (e.g. http://127.0.0.1:5000 or "
+                            "sqlite:///runs/mlflow.db), or leave it out")
+        if not self.experiment_name.strip():
+            raise UserError("--experiment_name is empty; name the MLflow experiment, e.g. --experiment_name=dtf")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

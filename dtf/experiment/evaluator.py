@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import time
+from typing import Callable, Dict, Optional
 
 import keras
 import tensorflow as tf
@@ -68,9 +69,11 @@ def _training_finished(model_dir: str) -> bool:
 
 
 def evaluate_continuously(config, best_metric: str = "loss", direction: str = "min",
-                          timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+                          timeout_s: float = DEFAULT_TIMEOUT_S,
+                          on_scores: Optional[Callable[[int, Dict[str, float]], None]] = None) -> dict:
     """Score checkpoints until training has finished; returns eval_results.json's content. The best checkpoint has
-    the lowest (direction "min") or highest ("max") `best_metric`."""
+    the lowest (direction "min") or highest ("max") `best_metric`. on_scores(step, metrics) is called after each
+    checkpoint is scored (dtf.tracking logs them)."""
     strategy = tf.distribute.get_strategy()
     exp = train.Experiment(config, strategy, cluster_lib.LOCAL)
     if exp.eval_split is None:
@@ -116,6 +119,8 @@ def evaluate_continuously(config, best_metric: str = "loss", direction: str = "m
                     tf.io.gfile.copy(path, tmp, overwrite=True)
                 results["best"] = {"checkpoint": name, "metric": best_metric, "value": value, "step": step}
             _write(results_path, results)
+            if on_scores is not None:
+                on_scores(step, metrics)
             log.info(f"evaluated {name} at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if finished and not pending:
             if writer is not None:

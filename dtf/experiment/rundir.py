@@ -47,11 +47,14 @@ _NOT_PLAN = frozenset({
     "worker_hosts", "task_index", "cluster_resolver", "per_replica_batch_size", "data_dir", "cache", "data_service",
     "epochs", "validation_freq", "steps_per_execution", "jit_compile", "model_dir", "checkpoint_every",
     "preemption_grace_s", "backup_every_steps", "export", "log_every_steps", "profile_steps", "progress"})
+_NOT_PLAN |= {"tracking_uri", "experiment_name"}  # where the run is also logged (dtf.tracking), not what it is
 # Plan fields a rerun may change after the run diverged: how it optimizes, not what or on which batches.
 _AFTER_DIVERGING = frozenset({
     "optimizer", "base_lr", "lr_scaling", "reference_batch_size", "warmup_epochs", "warmup_steps", "warmup_start_lr",
     "lr_schedule", "lr_decay_boundaries", "lr_decay_rate", "final_lr", "lr_decay_power", "momentum", "nesterov",
     "weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "trust_coefficient"})
+# Plan flags added since backups first recorded a plan, with what a backup that lacks them did.
+_IMPLIED = {"epoch_mode": "pass"}  # every epoch was a fresh pass before streaming epochs
 
 
 def plan_of(resolved: Config) -> Dict[str, str]:
@@ -104,7 +107,7 @@ def decide(model_dir: str, plan: Dict[str, str], epochs: int, steps_per_epoch: i
             return Decision("fresh", move_aside=True, message=f"--restart: moving the outputs in {model_dir} aside")
         raise UserError(f"--model_dir={model_dir} holds {', '.join(leftovers)} of a run but no backup to tell what "
                         "it was; use a new --model_dir, or add --restart to move the old outputs aside")
-    recorded = backup.plan
+    recorded = None if backup.plan is None else {**_IMPLIED, **backup.plan}
     changed = differences(recorded, plan) if recorded is not None else []
     if changed:
         if backup.diverged and set(_changed_names(recorded, plan)) <= _AFTER_DIVERGING:

@@ -3,6 +3,7 @@
 `dtf.run` calls `run_experiment`; `dtf.tune` uses `Experiment` piece by piece so that a trial is exactly a run.
 Only the chief writes into `model_dir`; other workers write to private temporary directories (dtf.experiment.callbacks).
 """
+import contextlib
 import math
 import os
 import time
@@ -83,11 +84,9 @@ class Experiment:
             log.info(f"{self.task_label} has no validation or test split: training without validation")
         sizes = ([self.train_split.num_examples] if config.input_sharding == "batch"
                  else data_lib.share_sizes(self.train_split, cluster.num_workers)[1])
-        one_pass = data_lib.training_steps(sizes, self.plan.global_batch_size, self.plan.num_replicas)
-        if config.steps_per_epoch and config.steps_per_epoch > one_pass:
-            raise UserError(f"--steps_per_epoch={config.steps_per_epoch} must be between 1 and {one_pass} (one pass "
-                            f"over the data at --global_batch_size={self.plan.global_batch_size})")
-        self.steps_per_epoch = config.steps_per_epoch or one_pass
+        self.steps_per_pass = data_lib.training_steps(sizes, self.plan.global_batch_size, self.plan.num_replicas)
+        self.epoch_mode = data_lib.resolve_epoch_mode(config.epoch_mode, config.steps_per_epoch, self.steps_per_pass)
+        self.steps_per_epoch = config.steps_per_epoch or self.steps_per_pass
         self.total_steps = self.steps_per_epoch * config.epochs
         if self.total_steps > MAX_STEPS:
             raise UserError(f"--epochs={config.epochs} × {self.steps_per_epoch} steps per epoch is {self.total_steps} "
@@ -103,13 +102,16 @@ class Experiment:
         task = dict(task=specs.canonical_spec(c.task)) if c.task else dict(
             dataset=c.dataset or task_lib.DEFAULT_DATASET, model=c.model or task_lib.DEFAULT_MODEL)
         return c.replace(global_batch_size=self.plan.global_batch_size, per_replica_batch_size=None,
-                         worker_hosts=None, task_index=None, **task)
+                         epoch_mode=self.epoch_mode, worker_hosts=None, task_index=None, **task)
 
     def describe(self) -> str:
         return (f"{strategy_lib.strategy_name(self.strategy)} × {self.plan.num_replicas} replica(s), global batch "
                 f"{self.plan.global_batch_size} = {self.plan.num_replicas} × {self.plan.per_replica_batch_size}, "
                 f"{scaling.explain_lr(self.config.base_lr, self.effective_batch, self.config.reference_batch_size, self.config.lr_scaling)}, "
-                f"{self.steps_per_epoch} steps/epoch × {self.config.epochs} epochs")
+                f"{self.steps_per_epoch} steps/epoch{self._streamed()} × {self.config.epochs} epochs")
+
+    def _streamed(self) -> str:
+        return f" (streamed over {self.steps_per_pass}-step passes)" if self.epoch_mode == "stream" else ""
 
     def _preprocess_batch(self, training: bool):
         if type(self.task).preprocess_batch is task_lib.Task.preprocess_batch:
@@ -122,6 +124,7 @@ class Experiment:
             self.strategy, self.train_split, self.plan.global_batch_size, training=True, seed=c.seed,
             shuffle_buffer=c.shuffle_buffer, cache=c.cache, deterministic=c.deterministic,
             initial_epoch=initial_epoch, initial_step=initial_step, steps_per_epoch=self.steps_per_epoch,
+            epoch_mode=self.epoch_mode,
             sharding=c.input_sharding, preprocess_batch=self._preprocess_batch(True), data_service=self.data_service)
 
     def eval_data(self) -> Optional[data_lib.DistributedData]:
@@ -249,7 +252,7 @@ class Experiment:
 
 
 def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = None,
-                   task: Optional[task_lib.Task] = None, restart: bool = False) -> dict:
+                   task: Optional[task_lib.Task] = None, restart: bool = False, tracker=None) -> dict:
     """Train, evaluate and export one experiment; returns the summary (also written to model_dir by the chief).
 
     A model_dir that already holds a run decides what this one does (dtf.experiment.rundir): resume it, continue it to
@@ -261,6 +264,8 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
         task: a Task object to train instead of the one the config names (from Python, e.g. with constructor
             arguments).
         restart: move a different run in model_dir aside instead of refusing it.
+        tracker: where the chief also logs the run (a `dtf.tracking.tracker.Tracker`, from --tracking_uri): checked
+            before anything is written, then the run's params, metrics, outputs and status.
 
     Raises:
         UserError: bad input (named as the Config field); TrainingDiverged: the loss became NaN/inf;
@@ -268,6 +273,9 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
     """
     start = time.time()
     cluster = resolve_cluster(config)
+    tracker = tracker if cluster.is_chief else None  # the chief alone logs
+    if tracker is not None:
+        tracker.check()  # an unreachable tracking store is one line (exit 2), before anything is written
     strategy = strategy or create_strategy(config)
     exp = Experiment(config, strategy, cluster, task)
     resolved = exp.resolved_config()
@@ -292,16 +300,18 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
             log.info(decision.message)
         backup = decision.backup
         initial_epoch, initial_step = (backup.epoch, backup.steps_done) if backup else (0, 0)
-        if decision.action == "export":
-            return _export_backup(exp, model, resolved, backup, start)
-        return _train(exp, model, resolved, decision, initial_epoch, initial_step, start)
+        tracking = tracker.training(exp, resolved) if tracker is not None else contextlib.nullcontext([])
+        with tracking as tracking_callbacks:
+            if decision.action == "export":
+                return _export_backup(exp, model, resolved, backup, start)
+            return _train(exp, model, resolved, decision, initial_epoch, initial_step, start, tracking_callbacks)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(exp: Experiment, model: keras.Model, resolved: Config, decision: rundir.Decision, initial_epoch: int,
-           initial_step: int, start: float) -> dict:
+           initial_step: int, start: float, extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
     config, cluster = exp.config, exp.cluster
     stop = preemption.Preemption(cluster, config.preemption_grace_s)  # after the strategy: TF takes SIGTERM there
     try:  # until training is over, SIGTERM stops every worker at one agreed step (dtf.experiment.preemption)
@@ -311,7 +321,7 @@ def _train(exp: Experiment, model: keras.Model, resolved: Config, decision: rund
             log_dir = os.path.join(config.model_dir, "tensorboard")
             if cluster.is_chief:
                 write_run_metadata(log_dir, resolved)
-            callbacks = exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR))
+            callbacks = exp.callbacks(log_dir, os.path.join(config.model_dir, BACKUP_DIR)) + list(extra_callbacks)
             stop.attach(exp.steps_per_epoch, callbacks)
             history = exp.fit(model, [*callbacks, stop], initial_epoch, initial_step,
                               restore_from=decision.backup or False)
@@ -347,7 +357,8 @@ def _summary(exp: Experiment, resolved: Config, history: dict, final: dict, resu
         "global_batch_size": exp.plan.global_batch_size, "per_replica_batch_size": exp.plan.per_replica_batch_size,
         "base_lr": config.base_lr, "peak_lr": exp.peak_lr, "lr_scaling": config.lr_scaling,
         "warmup_epochs": config.warmup_epochs, "warmup_steps": config.warmup_steps, "epochs": config.epochs,
-        "steps_per_epoch": exp.steps_per_epoch, "resumed_from": resumed_from,
+        "steps_per_epoch": exp.steps_per_epoch, "epoch_mode": exp.epoch_mode, "steps_per_pass": exp.steps_per_pass,
+        "resumed_from": resumed_from,
         **{k: history[k][-1] for k in noise_scale.LOG_KEYS if k in history},
         "final_metrics": {**{k: v[-1] for k, v in history.items() if not k.startswith("val_")},
                           **{f"val_{k}": v for k, v in final.items()}},

@@ -1,6 +1,7 @@
 """The hypermodel of a sweep: a trial is a `dtf.run` experiment. Its Config is `config_from_flags(**trial values)` (the
 same code path as `dtf.run`) and it trains with `Experiment.fit` and dtf's callbacks; a diverged trial is recorded as
 failed and the sweep goes on; a Hyperband trial promoted to a higher rung continues its parent's run."""
+import contextlib
 import os
 import sys
 import time
@@ -57,8 +58,9 @@ def _keras_history(history: dict) -> keras.callbacks.History:
 class DtfHyperModel(kt.HyperModel):
     """build(hp) = the trial's Config + Experiment → exp.build_model(); fit = exp.fit with dtf's callbacks."""
 
-    def __init__(self, space, strategy, cluster, tune_dir, task, objective):
+    def __init__(self, space, strategy, cluster, tune_dir, task, objective, sweep=None):
         super().__init__(name="dtf")
+        self.sweep = sweep  # dtf.tracking.sweep.Sweep with --tracking_uri: each trial is a child run
         self.space, self.strategy, self.cluster, self.tune_dir = space, strategy, cluster, tune_dir
         self.task, self.objective = task, objective  # one task object serves every trial
         self.trial_id = None  # set by the tuner before each trial (see dtf.tuning.tuners)
@@ -121,13 +123,14 @@ class DtfHyperModel(kt.HyperModel):
             info["tuner"] = distributed.role()
         return info
 
-    def train_trial(self, hp, model, callbacks, log_dir: str, initial_epoch: int) -> dict:
-        """exp.fit with dtf's callbacks (and a Hyperband rung's budget), its progress labelled with the trial."""
+    def train_trial(self, hp, model, callbacks, log_dir: str, initial_epoch: int, tracking=()) -> dict:
+        """exp.fit with dtf's callbacks (and a Hyperband rung's budget), its progress labelled with the trial;
+        `tracking` callbacks after dtf's (they log what dtf's add to an epoch's logs)."""
         exp = self.exp
         budget = [StopAfter(hp.values["tuner/epochs"])] if "tuner/epochs" in hp.values else []
         shown = progress.TrainingProgress(exp.config.progress, exp.plan.global_batch_size, self.stdout,
                                           f"trial {self.trial_id}: ")
-        return exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None) + budget,
+        return exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None) + list(tracking) + budget,
                        initial_epoch=initial_epoch, progress=shown)
 
     def fit(self, hp, model, *args, callbacks=None, **kwargs):
@@ -139,8 +142,11 @@ class DtfHyperModel(kt.HyperModel):
         if self.cluster.is_chief:
             write_run_metadata(log_dir, self.exp.resolved_config())
         start = time.time()
+        tracking = (self.sweep.trial(trial_id, self.exp, hp.values) if self.sweep is not None and self.cluster.is_chief
+                    else contextlib.nullcontext([]))
         try:
-            history = self.train_trial(hp, model, callbacks, log_dir, initial_epoch)
+            with tracking as tracking_callbacks:
+                history = self.train_trial(hp, model, callbacks, log_dir, initial_epoch, tracking_callbacks)
         except train.TrainingDiverged as e:
             h = getattr(model, "history", None)
             info.update(status="diverged", wall_time_s=time.time() - start, message=str(e),
