@@ -144,6 +144,32 @@ def test_keras_private_names_keep_their_shape():
     assert callable(keras.Model._symbolic_build)
 
 
+def test_a_built_model_is_not_fed_a_batch_to_build_it():
+    """The symbolic-build patch pulls a batch only while Keras's `_symbolic_build` would read it (model, compiled
+    metrics or loss unbuilt): once a model has trained, a `fit` under a strategy no longer starts and destroys an
+    extra input pipeline."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from dtf.upstream import keras as keras_upstream
+
+    keras_upstream.apply()  # as dtf.create_strategy does
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile("sgd", "mse", metrics=["mae"])
+    assert keras_upstream._reads_a_batch(model)  # metrics and loss are built by the first batch
+    started = []  # one entry per iterator over the dataset: its first element passes the counter once
+    batches = tf.data.Dataset.from_tensors((np.zeros((4, 2), "float32"), np.zeros((4, 1), "float32"))).repeat()
+    counter = tf.data.Dataset.from_tensors(0).map(
+        lambda i: tf.numpy_function(lambda v: started.append(1) or v, [i], tf.int32))
+    data = counter.flat_map(lambda _: batches)
+    model.fit(data, steps_per_epoch=2, epochs=1, verbose=0)
+    assert len(started) == 2 and not keras_upstream._reads_a_batch(model)  # the probe, then training
+    model.fit(data, steps_per_epoch=2, epochs=1, verbose=0)
+    assert len(started) == 3  # training only
+
+
 def test_fit_starts_at_the_resume_epoch():
     """`set_resume_epoch` overrides fit's `initial_epoch` (Keras reads `Model._initial_epoch`)."""
     import keras

@@ -41,10 +41,20 @@ def _first_local(value):
     return value
 
 
+def _reads_a_batch(model) -> bool:
+    """Whether Keras's `_symbolic_build` uses the data batch: only while the model, its compiled metrics or its loss
+    are unbuilt (Keras 3.15.1, trainers/trainer.py). Keras's TF trainer pulls one on every `fit` regardless, from an
+    iterator it then destroys: the whole input pipeline starts (a shuffle-buffer fill, the next pass's prefetch) for
+    nothing, and TensorFlow took minutes to destroy it in dtf.bench overhead (BUILD_NOTES "Streaming epochs")."""
+    metrics, loss = model._compile_metrics, model._compile_loss
+    return (not all(layer.built for layer in model._flatten_layers()) or (metrics is not None and not metrics.built)
+            or (loss is not None and not loss.built))
+
+
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     if self._distribute_strategy is None:
         return _ORIGINAL_SYMBOLIC_BUILD(self, iterator=iterator, data_batch=data_batch)
-    if iterator is not None:
+    if iterator is not None and _reads_a_batch(self):
         for _, _, it in iterator:
             data_batch = tree.map_structure(_first_local, next(it))
             break
