@@ -18,6 +18,11 @@ one agreed step, the chief backs up there, and they exit 143 (dtf.experiment.pre
 that exits 143 by itself (it got the SIGTERM) gives the others the same time before they are killed, and the group is
 restarted, uncounted.
 
+Elastic (--min_workers=M): a worker slot that keeps failing (it crashed again within 60 s of its restart, as one
+does whose host or device is gone) restarts the group with one worker fewer, down to M, and the launcher says
+so; the job resumes from the chief's backup on the smaller group at the same global batch (dtf.experiment.elastic).
+Each such restart counts against --max_restarts. A rerun may also simply give another --num_workers.
+
 Exit status: the chief's (0 when every worker succeeded); otherwise the failed worker's (128+N for signal N); 124
 when --timeout ran out; 130/143 when the launcher itself got SIGINT/SIGTERM; 2 for bad input to the launcher.
 
@@ -54,6 +59,11 @@ log = get_logger("dtf.launch")  # not __name__: that is "__main__" under `python
 # A private flag registry: the launcher's flags must not collide with those of a program imported in the same process.
 FLAGS = flags.FlagValues()
 flags.DEFINE_integer("num_workers", None, "Number of worker processes (worker 0 is the chief).", flag_values=FLAGS)
+SLOT_WINDOW_S = 60.0  # a slot that crashes within this long of two starts in a row keeps failing (--min_workers)
+flags.DEFINE_integer("min_workers", None, "Elastic: when a worker slot keeps failing (it crashes again within "
+                     f"{SLOT_WINDOW_S:g} s of its restart), restart the group with one worker fewer, down to this "
+                     "many; the run resumes on them at the same global batch. Default: --num_workers (never fewer). "
+                     "With --backend=ray: Ray Train's elastic worker range (min, --num_workers).", flag_values=FLAGS)
 flags.DEFINE_integer("max_restarts", 0, "Restart the whole group up to this many times after a worker fails.",
                      flag_values=FLAGS)
 flags.DEFINE_float("timeout", None, "Seconds the whole job (all restarts included) may take; then stop everyone.",
@@ -84,8 +94,9 @@ flags.DEFINE_string("address", None, "--backend=ray: the Ray cluster to join (de
                     "workers run the command in this directory, which every node must have (shared storage).",
                     flag_values=FLAGS)
 # --emit=slurm only (see dtf.backends.slurm for the layout and restart rules).
-flags.DEFINE_integer("nodes", None, "--emit=slurm: nodes (default: one task per node, so --num_workers).",
-                     flag_values=FLAGS)
+flags.DEFINE_string("nodes", None, "--emit=slurm: nodes (default: one task per node, so --num_workers), or a "
+                   "range MIN-MAX: the job runs on the nodes Slurm grants and resumes on another count after a "
+                   "requeue (elastic; --num_workers is then MAX × --tasks_per_node).", flag_values=FLAGS)
 flags.DEFINE_integer("tasks_per_node", None, "--emit=slurm: workers per node (default 1: one worker drives all of "
                      "a node's GPUs).", flag_values=FLAGS)
 flags.DEFINE_string("gres", None, "--emit=slurm: generic resources per node, e.g. gpu:4.", flag_values=FLAGS)
@@ -129,6 +140,12 @@ def parse_args(argv: Sequence[str]) -> List[str]:
         raise UserError("--num_workers is required; e.g. --num_workers=2")
     if FLAGS.num_workers < 1:
         raise UserError(f"--num_workers must be >= 1, got {FLAGS.num_workers}; e.g. --num_workers=2")
+    if FLAGS.min_workers is not None and not 1 <= FLAGS.min_workers <= FLAGS.num_workers:
+        raise UserError(f"--min_workers must be between 1 and --num_workers={FLAGS.num_workers}, got "
+                        f"{FLAGS.min_workers}")
+    if FLAGS.min_workers is not None and FLAGS.emit:
+        raise UserError(f"--min_workers does not apply to --emit={FLAGS.emit}; for Slurm give a node range, e.g. "
+                        "--nodes=1-2")
     if FLAGS.max_restarts < 0:
         raise UserError(f"--max_restarts must be >= 0, got {FLAGS.max_restarts}; use 0 for no restarts")
     if FLAGS.preemption_grace_s <= 0:
@@ -237,19 +254,37 @@ def _report_failure(result: procs.GroupResult, hosts: Sequence[str]) -> Tuple[in
     return _exit_status(dead.returncode), port_taken
 
 
+class _FailingSlot:
+    """Which worker slot crashed first on consecutive starts, each within SLOT_WINDOW_S of its start."""
+
+    def __init__(self):
+        self.slot, self.count = None, 0
+
+    def crashed(self, slot: int, after_s: float) -> int:
+        """Record a crash of `slot` `after_s` seconds into its start; the number of starts in a row it did so."""
+        quick = after_s <= SLOT_WINDOW_S
+        self.slot, self.count = slot, (self.count + 1 if quick and slot == self.slot else int(quick))
+        return self.count
+
+    def clear(self):
+        self.slot, self.count = None, 0
+
+
 def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
            timeout_s: Optional[float] = None, evaluator: Optional[Sequence[str]] = None,
-           preemption_grace_s: float = exitcodes.LAUNCHER_GRACE_S) -> int:
-    """Run `command` as `num_workers` local workers until they all succeed, restarting after failures; see the module
-    doc."""
-    roles = [procs.role(i) for i in range(num_workers)] + (["evaluator"] if evaluator else [])
-    group = f"{num_workers} worker(s)" + (" and an evaluator" if evaluator else "")
-    printer = _Printer(sys.stdout, roles.__getitem__)
+           preemption_grace_s: float = exitcodes.LAUNCHER_GRACE_S, min_workers: Optional[int] = None) -> int:
+    """Run `command` as `num_workers` local workers until they all succeed, restarting after failures (with fewer
+    workers, down to `min_workers`, when one slot keeps failing); see the module doc."""
+    min_workers = num_workers if min_workers is None else min_workers
+    failing = _FailingSlot()
+    printer = _Printer(sys.stdout, lambda i: roles[i])
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     restarts = port_retries = start = 0
     hosts: List[str] = []
     began = time.monotonic()
     while True:
+        roles = [procs.role(i) for i in range(num_workers)] + (["evaluator"] if evaluator else [])
+        group = f"{num_workers} worker(s)" + (" and an evaluator" if evaluator else "")
         hosts = _fresh_hosts(num_workers + bool(evaluator), hosts)
         log.info("launch: starting %s on %s (DTF_LAUNCH_RESTART=%d)", group, ",".join(hosts), start)
 
@@ -258,6 +293,7 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
                 log.info("launch: %s pid %d (%s)", roles[i], p.pid, hosts[i])
 
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        started_at = time.monotonic()
         configs = tf_configs(hosts[:num_workers], hosts[num_workers] if evaluator else None)
         result = procs.run_group(command, configs, env=dict(os.environ, DTF_LAUNCH_RESTART=str(start)),
                                  process_commands=[None] * num_workers + [evaluator] if evaluator else None,
@@ -284,14 +320,25 @@ def launch(command: Sequence[str], num_workers: int, *, max_restarts: int = 0,
             log.info("launch: --timeout=%gs ran out; not restarting", timeout_s)
             return TIMEOUT_STATUS
         if status == exitcodes.PREEMPTED:
+            failing.clear()
             log.info("launch: preempted (exit status %d); restarting all %s on new ports (not counted "
                      "against --max_restarts)", status, group)
             continue
+        dead = result.workers[result.first_failure]
+        in_a_row = failing.crashed(dead.index, time.monotonic() - started_at - (result.stop_s or 0.0))
         if restarts >= max_restarts:
             if max_restarts:
                 log.info("launch: giving up after %d restart(s)", restarts)
             return status
         restarts += 1
+        if in_a_row >= 2 and num_workers > min_workers and dead.index < num_workers:
+            failing.clear()
+            log.info("launch: %s crashed within %gs of %d starts in a row: restarting on %d worker(s) instead of "
+                     "%d (--min_workers=%d; restart %d of %d); the run resumes on them at the same global batch",
+                     dead.role, SLOT_WINDOW_S, in_a_row, num_workers - 1, num_workers, min_workers, restarts,
+                     max_restarts)
+            num_workers -= 1
+            continue
         log.info("launch: restarting all %s on new ports (restart %d of %d)", group, restarts,
                  max_restarts)
 
@@ -318,7 +365,8 @@ def _ray(command: Sequence[str]) -> int:
     """--backend=ray: the same command on Ray Train workers (imported here: Ray is an optional extra)."""
     from dtf.backends import ray as ray_backend
 
-    return ray_backend.fit(command, FLAGS.num_workers, address=FLAGS.address, max_restarts=FLAGS.max_restarts)
+    return ray_backend.fit(command, FLAGS.num_workers, address=FLAGS.address, max_restarts=FLAGS.max_restarts,
+                           min_workers=FLAGS.min_workers)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -354,7 +402,8 @@ def _main(argv: Sequence[str]) -> int:
     procs.raise_stopped_on_signals()
     try:
         return launch(command, FLAGS.num_workers, max_restarts=FLAGS.max_restarts, timeout_s=FLAGS.timeout,
-                      evaluator=evaluator_command(), preemption_grace_s=FLAGS.preemption_grace_s)
+                      evaluator=evaluator_command(), preemption_grace_s=FLAGS.preemption_grace_s,
+                      min_workers=FLAGS.min_workers)
     except errors.Stopped as stop:
         log.info("launch: got %s; stopped all workers (they had %gs to back up)", signal.Signals(stop.signum).name,
                  FLAGS.preemption_grace_s)

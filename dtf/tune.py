@@ -8,7 +8,13 @@ Takes every `dtf.run` flag plus a search space:
   --tune_lr_scaling=linear,sqrt
   --tuner=random|bayesian|hyperband|grid --max_trials=N --executions_per_trial=N
   --objective=val_accuracy|val_loss|val_<any metric> [--objective_direction=min|max] --tune_dir=DIR
+  --objective=steps_to:val_accuracy>=0.9 (or seconds_to:)  optimizer updates (training seconds, validation
+                                         excluded) to first reach the target, validated at epoch ends and every
+                                         --validate_every_steps=N; each trial stops there
   --task=package.module:Attr             tune your own task (its flags work here as in dtf.run)
+  --trial_workers=N [--parallel_trials=K] [--max_trial_restarts=R] [--trial_timeout_s=S] [--backend=local|ray|slurm]
+                                         each trial a dtf.run job of N workers, K at once (see below)
+  --emit=slurm                           print an sbatch script running this sweep as one Slurm job
 
 A trial's Config is `config_from_flags(**trial_values)` — the same code path as `dtf.run` — and it trains with
 `dtf.experiment.train.Experiment` under the strategy created once from the flags, so the batch is sharded per replica
@@ -25,7 +31,18 @@ set and no TF_CONFIG. Output is prefixed [chief]/[tuner0]/...; if one fails all 
 the chief writes results.csv, best.flags and the plot. Rerunning the same command resumes (trials that were running
 when the sweep was killed are run again). With those KERASTUNER_* variables already set (your own cluster), dtf.tune
 just runs as that role.
+
+Multi-worker trials: `--trial_workers=N` runs each trial as a `dtf.run` job of N worker processes (dtf's launcher:
+its own TF_CONFIG and ports, sharding, chief-only outputs, backups, preemption), `--parallel_trials=K` at once, with
+the oracle inside this process (it listens on nothing; keras-tuner's gRPC service has no authentication). A trial's
+flagfile is TUNE_DIR/trials/<id>.flags and its model_dir TUNE_DIR/trials/<id>; its objective comes from the chief's
+summary.json. A crashed worker restarts the trial from its backup up to --max_trial_restarts (143 uncounted); a
+diverged trial (3) is recorded and the sweep goes on; a trial's user error (2) stops the sweep with its one line; a
+trial silent for --trial_timeout_s is stopped and recorded as stalled. A killed tuner's trials back up and stop; the
+rerun keeps finished trials and resumes running ones from their backups. --backend=ray runs trials on Ray Train,
+--backend=slurm as srun steps inside the job `--emit=slurm` writes (see dtf.tuning.trial_jobs).
 """
+import collections
 import contextlib
 import os
 import signal
@@ -34,11 +51,13 @@ import time
 from typing import List
 
 from dtf import cli
+from dtf.base import exitcodes
 from dtf.base.errors import Stopped, UserError
 from dtf.cluster import data_service
 from dtf.tuning import distributed, results
-from dtf.tuning.objectives import MAXIMIZED_WORDS, MINIMIZED_WORDS, objective_direction
+from dtf.tuning.objectives import MAXIMIZED_WORDS, MINIMIZED_WORDS, objective_direction, speed_objective
 from dtf.tuning.space import check_against_data, check_signature, parse_space, space_signature, validate_space
+from dtf.tuning.trial_jobs import BACKENDS
 from dtf.tuning.tuners import TUNERS, make_tuner
 
 
@@ -65,6 +84,22 @@ def _define(argv):
     flags.DEFINE_integer("num_tuners", 0, "Distributed tuning on this host: a chief (oracle) process plus this many "
                          "tuner-worker processes on 127.0.0.1. 0: one process. Ignored when KERASTUNER_TUNER_ID is "
                          "set (the process runs as that role).", **kw)
+    flags.DEFINE_integer("trial_workers", 0, "Run each trial as a dtf.run job of this many worker processes (dtf's "
+                         "launcher: its own TF_CONFIG, ports and backup), data-parallel like dtf.launch "
+                         "--num_workers=N. 0: trials train in this process.", **kw)
+    flags.DEFINE_integer("parallel_trials", 1, "With --trial_workers: run this many trial jobs at once.", **kw)
+    flags.DEFINE_integer("max_trial_restarts", 1, "With --trial_workers: restart a trial's crashed job this many "
+                         "times, each from its own backup (preemptions, 143, are not counted); then it is recorded "
+                         "as failed and the sweep goes on.", **kw)
+    flags.DEFINE_float("trial_timeout_s", None, "With --trial_workers: stop (and record as stalled) a trial that "
+                       "prints nothing for this many seconds; keep it above one epoch's time. Default: no limit.", **kw)
+    flags.DEFINE_enum("backend", "local", list(BACKENDS), "With --trial_workers, where each trial job runs: local "
+                      "(dtf.launch on this host), ray (Ray Train workers, dtf.launch --backend=ray), slurm (srun "
+                      "steps inside the Slurm job that --emit=slurm writes).", **kw)
+    flags.DEFINE_string("address", None, "--backend=ray: the Ray cluster the trials join (default: each trial starts "
+                        "a local one).", **kw)
+    flags.DEFINE_string("emit", None, "slurm: print an sbatch script that runs this sweep (same flags) as one Slurm "
+                        "job, instead of running it.", **kw)
     cli.define_task_flags(argv)  # last: a task flag that clashes with any of dtf's is reported as such
 
 
@@ -109,7 +144,7 @@ def _serve_as_chief(tuner):
 
 
 def _report(tuner, tune_dir: str, config, objective: str, direction: str, ran: int, start: float,
-            sweep=None) -> int:
+            sweep=None, train_with: str = "python -m dtf.run") -> int:
     """Print the results table and the best trial; rewrite results.csv, the plot and best.flags only when the results
     changed (or a file is missing), so a finished sweep's rerun leaves them as they are."""
     import tensorflow as tf
@@ -126,8 +161,16 @@ def _report(tuner, tune_dir: str, config, objective: str, direction: str, ran: i
     if best is None:
         if sweep is not None:
             sweep.report(rows, None, files)
-        raise UserError(f"no trial of the {len(rows)} completed (see {tune_dir}/{results.RESULTS}); lower "
-                        "--tune_base_lr or add warmup")
+        speed = speed_objective(objective)
+        if speed and any(r["status"] == "not_reached" for r in rows):
+            raise UserError(f"no trial of the {len(rows)} reached {speed[1]} (see {tune_dir}/{results.RESULTS}); "
+                            "train longer (--epochs) or lower the target in --objective")
+        ended = collections.Counter(r["status"] for r in rows)
+        hints = {"diverged": "lower --tune_base_lr or add warmup", "stalled": "raise --trial_timeout_s",
+                 "failed": "see the failed trials' output above"}
+        raise UserError(f"no trial of the {len(rows)} completed ({', '.join(f'{n} {k}' for k, n in ended.items())}; "
+                        f"see {tune_dir}/{results.RESULTS}): " +
+                        ("; ".join(hints[k] for k in ended if k in hints) or "lower --tune_base_lr or add warmup"))
     path = os.path.join(tune_dir, results.BEST_FLAGS)
     if changed or not tf.io.gfile.exists(path):
         results.write_best_flags(best, tune_dir, config)
@@ -135,7 +178,69 @@ def _report(tuner, tune_dir: str, config, objective: str, direction: str, ran: i
         sweep.report(rows, best, files)
     print(f"dtf.tune: best trial {best['trial']}: {objective}={float(best['objective']):.4f} "
           f"(global batch {best['global_batch_size']}, base_lr {float(best['base_lr']):.4g}, peak LR "
-          f"{float(best['peak_lr']):.4g}); train it: python -m dtf.run --flagfile={path}")
+          f"{float(best['peak_lr']):.4g}); train it: {train_with} --flagfile={path}")
+    return 0
+
+
+def _check_trial_jobs(FLAGS, role, tuner_name: str):
+    """--trial_workers and its companions: one line for a value, or a combination, they cannot honour."""
+    companions = ("parallel_trials", "max_trial_restarts", "trial_timeout_s")
+    if FLAGS.trial_workers < 0:
+        raise UserError(f"--trial_workers={FLAGS.trial_workers} must be >= 0 (0: trials train in this process)")
+    if FLAGS.emit is not None and FLAGS.emit != "slurm":
+        raise UserError(f"--emit={FLAGS.emit} is not a sweep script dtf writes; use --emit=slurm")
+    if FLAGS.address is not None and FLAGS.backend != "ray":
+        raise UserError("--address only applies to --backend=ray; remove it or add --backend=ray")
+    if FLAGS.emit and FLAGS.backend != "local":
+        raise UserError(f"--emit=slurm writes a script whose trials run as Slurm steps: remove "
+                        f"--backend={FLAGS.backend}")
+    if not FLAGS.trial_workers:
+        for name in (*companions, "backend", "emit"):
+            if FLAGS[name].present:
+                raise UserError(f"--{name} only applies to trial jobs; add --trial_workers=N or remove --{name}")
+        return
+    if FLAGS.backend == "slurm" and not FLAGS.emit and "SLURM_JOB_ID" not in os.environ:
+        raise UserError("--backend=slurm runs trials as steps of the Slurm job it is in: write that job's script with "
+                        "--emit=slurm and submit it with sbatch")
+    if FLAGS.parallel_trials < 1:
+        raise UserError(f"--parallel_trials={FLAGS.parallel_trials} must be >= 1")
+    if FLAGS.max_trial_restarts < 0:
+        raise UserError(f"--max_trial_restarts={FLAGS.max_trial_restarts} must be >= 0 (0: never restart a trial)")
+    if FLAGS.trial_timeout_s is not None and FLAGS.trial_timeout_s <= 0:
+        raise UserError(f"--trial_timeout_s={FLAGS.trial_timeout_s:g} must be > 0 seconds; leave it out for no limit")
+    refused = [
+        (FLAGS.num_tuners, "--trial_workers runs parallel trial jobs itself: use --parallel_trials instead of "
+                           "--num_tuners"),
+        (FLAGS.executions_per_trial != 1, "--trial_workers runs each trial once: remove --executions_per_trial"),
+        (tuner_name == "hyperband", "--tuner=hyperband continues a promoted trial's state in this process, which "
+                                    "trial jobs do not do yet: use grid, random or bayesian with --trial_workers"),
+        (FLAGS.tracking_uri, "--tracking_uri is not supported with --trial_workers yet (each trial would be its own "
+                             "MLflow run, not a child of the sweep's): remove one of them"),
+    ]
+    for problem, message in refused:
+        if problem:
+            raise UserError(message)
+    if role is not None:
+        raise UserError("--trial_workers keeps the oracle in this process: unset KERASTUNER_ORACLE_IP/_PORT and "
+                        "KERASTUNER_TUNER_ID")
+
+
+def _run_trial_jobs(jobs) -> int:
+    """Run the sweep's trials as jobs (dtf.tuning.trial_jobs); 0, or 128+N when a signal stopped them (each job's
+    workers backed up: the rerun resumes them)."""
+    from dtf.cluster import procs
+
+    procs.raise_stopped_on_signals()
+    try:
+        jobs.run()
+    except Stopped as stop:
+        print(f"dtf.tune: got {signal.Signals(stop.signum).name}; stopped all trials (they backed up; rerun the same "
+              "command to resume the sweep)", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    if jobs.preempted:
+        print("dtf.tune: a trial step was preempted; stopped all trials (they backed up): the requeued job resumes "
+              "the sweep", file=sys.stderr, flush=True)
+        return exitcodes.PREEMPTED
     return 0
 
 
@@ -155,6 +260,12 @@ def _body(rest):
     role = distributed.role()
     if FLAGS.num_tuners < 0:
         raise UserError(f"--num_tuners={FLAGS.num_tuners} must be >= 0")
+    _check_trial_jobs(FLAGS, role, tuner_name)
+    if FLAGS.emit:
+        from dtf.tuning import trial_jobs
+
+        print(trial_jobs.sweep_sbatch(_ARGV[1:], FLAGS.trial_workers, FLAGS.parallel_trials), end="")
+        return 0
     if FLAGS.num_tuners and role is None:
         return _launch_tuners(FLAGS.num_tuners)
 
@@ -165,17 +276,19 @@ def _body(rest):
     from dtf.upstream import keras_tuner as kt_upstream  # checks the keras-tuner version before anything uses it
     from dtf.experiment import task as task_lib, train
 
-    config = dtf_flags.config_from_flags()
+    speed = speed_objective(objective)
+    config = dtf_flags.config_from_flags(**({"stop_at": str(speed[1])} if speed else {}))  # a trial's --stop_at
     tune_dir = FLAGS.tune_dir
     cluster = train.resolve_cluster(config)
     if cluster.is_multi_worker:
-        raise UserError("dtf.tune trains each trial on one host (one_device or mirrored); multi-worker trials are not "
-                        "supported: unset TF_CONFIG/--worker_hosts and use --num_tuners=N for parallel trials")
+        raise UserError("dtf.tune is not one worker of a cluster: unset TF_CONFIG/--worker_hosts; for multi-worker "
+                        "trials give --trial_workers=N (and --parallel_trials=K to run K at once)")
     strategy = train.create_strategy(config)
-    validate_space(space, config, strategy.num_replicas_in_sync, tuner_name, FLAGS.max_trials,
-                   FLAGS.executions_per_trial)
+    # a trial job's replicas: this host's per worker (CPU: one), times its workers
+    replicas = strategy.num_replicas_in_sync * max(FLAGS.trial_workers, 1)
+    validate_space(space, config, replicas, tuner_name, FLAGS.max_trials, FLAGS.executions_per_trial)
     task = task_lib.from_config(config)
-    check_against_data(space, config, strategy, cluster, task, objective)
+    check_against_data(space, config, strategy, cluster, task, speed[1].metric if speed else objective)
     sweep = None
     if config.tracking_uri:  # a parent run for the sweep, a child run per trial (dtf.tracking.sweep)
         from dtf.tracking.sweep import Sweep
@@ -201,6 +314,16 @@ def _body(rest):
 
     kt_upstream.repair_reloaded_oracle(tuner.oracle)
     before = len(tuner.oracle.trials)
+    if FLAGS.trial_workers:
+        from dtf.tuning.trial_jobs import TrialJobs
+
+        jobs = TrialJobs(tuner.oracle, tune_dir, objective, FLAGS.trial_workers, FLAGS.parallel_trials,
+                         FLAGS.max_trial_restarts, FLAGS.trial_timeout_s, FLAGS.backend, FLAGS.address)
+        status = _run_trial_jobs(jobs)
+        if status:
+            return status
+        return _report(tuner, tune_dir, config, objective, direction, len(tuner.oracle.trials) - before, start,
+                       train_with=f"python -m dtf.launch --num_workers={FLAGS.trial_workers} -- python -m dtf.run")
     with sweep.serving(sweep.params(config, FLAGS)) if sweep else contextlib.nullcontext():
         if role == "chief":
             _serve_as_chief(tuner)

@@ -42,6 +42,7 @@ def _python(*args, code=None, timeout=120):
     (["dtf.run", "--no_such_flag=1"], 2),
     (["dtf.run", "--base_lr=-1"], 2),
     (["dtf.tune", "--help"], 0),
+    (["dtf.tune", "--tune_base_lr=0.1,0.2", "--trial_workers=2", "--emit=slurm"], 0),
 ])
 def test_cli_does_not_import_tensorflow(argv, status):
     proc = _python(*argv, code=PROBE)

@@ -202,6 +202,7 @@ def test_sbatch_defaults_to_one_task_per_node(capsys):
     (["--num_workers=4", "--tasks_per_node=3"], "--tasks_per_node"),
     (["--num_workers=4", "--nodes=2", "--tasks_per_node=1"], "--num_workers=4"),
     (["--num_workers=2", "--nodes=0"], "--nodes"),
+    (["--num_workers=2", "--nodes=2-1"], "--nodes=2-1"),
     (["--num_workers=40", "--tasks_per_node=40"], "--tasks_per_node=40"),
     (["--num_workers=4", "--tasks_per_node=4", "--gres=gpu:6"], "--gres=gpu:6"),
     (["--num_workers=2", "--gres=gpu 4"], "--gres"),

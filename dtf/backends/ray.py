@@ -17,6 +17,11 @@ Failures follow dtf.base.exitcodes: a crash or a preemption (any status but 0, 2
 Train restarts up to `max_restarts` times (FailureConfig.max_failures), and the command resumes from the chief's
 backup in its model_dir; 2 (user error) and 3 (diverged) end the run at once, unretried.
 
+Elastic (`min_workers`): Ray Train V2's elastic worker group, `ScalingConfig(num_workers=(min_workers, num_workers))`
+(in Ray 2.60, the version tested here): Ray starts the group with as many workers as it can get, at least
+`min_workers`, and resizes it after failures or when resources come back; each start is a new TF_CONFIG, and the
+command resumes from the chief's backup on the new count at the same global batch (dtf.experiment.elastic).
+
 With no address a local Ray instance is started on 127.0.0.1 and stopped at the end.
 """
 import ctypes
@@ -167,7 +172,8 @@ def _init_local(ray, num_workers: int, quiet: dict):
 
 
 def fit(command: Union[Sequence[str], "Config"], num_workers: int, *, address: Optional[str] = None,
-        use_gpu: bool = False, max_restarts: int = 0, cwd: Optional[str] = None) -> int:
+        use_gpu: bool = False, max_restarts: int = 0, cwd: Optional[str] = None,
+        min_workers: Optional[int] = None) -> int:
     """Run a dtf command as one multi-worker job on Ray Train workers; return dtf's exit status: 0, 2/3 from the
     workers, or 1 when Ray Train gave up after `max_restarts`.
 
@@ -179,6 +185,8 @@ def fit(command: Union[Sequence[str], "Config"], num_workers: int, *, address: O
         max_restarts: whole-group restarts after a crash (Ray Train's FailureConfig); 2 and 3 are never retried.
         cwd: the directory the command runs in on every node (relative paths resolve there); default: this
             process's working directory.
+        min_workers: an elastic group of `min_workers` to `num_workers` workers (see the module doc); default: a
+            fixed group of `num_workers`.
     """
     if hasattr(command, "to_flagfile"):
         command = run_command(command)
@@ -190,6 +198,10 @@ def fit(command: Union[Sequence[str], "Config"], num_workers: int, *, address: O
         raise UserError(f"--backend=ray needs Ray Train ({e}); pip install -e '.[ray]'") from None
     if num_workers < 1 or max_restarts < 0:
         raise UserError(f"num_workers must be >= 1 and max_restarts >= 0, got {num_workers} and {max_restarts}")
+    if min_workers is not None and not 1 <= min_workers <= num_workers:
+        raise UserError(f"min_workers must be between 1 and num_workers={num_workers}, got {min_workers}",
+                        arguments=("min_workers",))
+    workers = (min_workers, num_workers) if min_workers is not None and min_workers < num_workers else num_workers
     started = not ray.is_initialized()
     if started:  # the workers' lines come through _Hub; Ray's own output from the actors is noise here
         quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
@@ -207,7 +219,7 @@ def fit(command: Union[Sequence[str], "Config"], num_workers: int, *, address: O
             trainer = TensorflowTrainer(
                 _train_loop, train_loop_config={"command": list(command), "cwd": os.path.abspath(cwd or os.getcwd()),
                                                 "hub": hub},
-                scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                 run_config=RunConfig(name="dtf", storage_path=None if address else local_storage,
                                      failure_config=FailureConfig(max_failures=max_restarts)))
             stop = threading.Event()

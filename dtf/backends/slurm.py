@@ -14,6 +14,11 @@ after another failed would turn a user error into a preemption), and the step re
 (preempted, or SIGTERM before the time limit, which the script asks for) the job is requeued, uncounted. Resuming
 needs `model_dir` on a filesystem every node shares.
 
+Elastic (`--nodes=MIN-MAX`): the job asks Slurm for MIN to MAX nodes (`--num_workers` is MAX × --tasks_per_node) and
+the workers' step runs on the allocation Slurm actually grants (`$SLURM_JOB_NUM_NODES` nodes, `$SLURM_NTASKS` tasks):
+TF_CONFIG is built from the step's nodes and tasks, so a requeued job resumes on whatever it gets, at the same
+global batch (dtf.experiment.elastic).
+
 With an evaluator command (`dtf.launch --evaluator`), the script also starts it once as a one-task step of its own
 beside the workers' (`srun --overlap`: it shares the first node's CPUs and GPUs instead of holding a node of its own,
 as TFJob's Evaluator pod asks for no GPU), with TF_CONFIG task type `evaluator`, so it never joins the collective and
@@ -54,6 +59,17 @@ def parse_time(text: str) -> int:
         raise UserError(f"--time={text} is not a Slurm time limit; write minutes (90), HH:MM:SS (1:30:00) or "
                         "D-HH:MM:SS (2-00:00:00)")
     return seconds
+
+
+def node_range(nodes) -> Tuple[Optional[int], Optional[int]]:
+    """--nodes as (fewest, most): 'N' or N is (N, N), 'MIN-MAX' a range (Slurm's form); (None, None) when unset."""
+    if nodes is None:
+        return None, None
+    m = re.match(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$", str(nodes))
+    low, high = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+    if low < 1 or high < low:
+        raise UserError(f"--nodes={nodes} is not a node count or range; write e.g. --nodes=2 or --nodes=1-2")
+    return low, high
 
 
 def layout(num_workers: int, nodes: Optional[int], tasks_per_node: Optional[int]) -> Tuple[int, int]:
@@ -110,7 +126,7 @@ def _check_options(tasks_per_node: int, gres: Optional[str], time: Optional[str]
     return limit_s, gpus
 
 
-def _directives(job_name: str, nodes: int, tasks_per_node: int, gres: Optional[str], time: Optional[str],
+def _directives(job_name: str, nodes: str, tasks_per_node: int, gres: Optional[str], time: Optional[str],
                 limit_s: Optional[float], partition: Optional[str], output: Optional[str]) -> List[str]:
     directives = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"]
     if gres is not None:
@@ -128,13 +144,17 @@ def _directives(job_name: str, nodes: int, tasks_per_node: int, gres: Optional[s
 
 
 def _workers_step(command: Sequence[str], nodes: int, tasks_per_node: int, gpus: Optional[int],
-                  data_service_workers: Optional[int]) -> str:
-    """The srun line running every worker task (the tf.data service's address comes from the job at run time)."""
-    srun = ["srun", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--label", "--kill-on-bad-exit=1"]
+                  data_service_workers: Optional[int], elastic: bool = False) -> str:
+    """The srun line running every worker task (the tf.data service's address comes from the job at run time).
+    `elastic`: on the nodes and tasks the job was granted (a node range), read at run time."""
+    srun = ["--label", "--kill-on-bad-exit=1"]
     if gpus is not None and tasks_per_node > 1:
         srun.append(f"--gpu-bind=per_task:{gpus // tasks_per_node}")
     srun += ["python", "-m", "dtf.backends.slurm_task", "--", *command]
-    return shlex.join(srun) + (' "--data_service=grpc://$ds_host:$ds_port"' if data_service_workers else "")
+    counts = ('--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_NTASKS"' if elastic
+              else f"--nodes={nodes} --ntasks-per-node={tasks_per_node}")
+    return f"srun {counts} {shlex.join(srun)}" + (
+        ' "--data_service=grpc://$ds_host:$ds_port"' if data_service_workers else "")
 
 
 def _evaluator_start_lines(evaluator: Sequence[str]) -> List[str]:
@@ -209,11 +229,15 @@ def sbatch(command: Sequence[str], num_workers: int, *, job_name: str, nodes: Op
     """The sbatch script running `command` as `num_workers` tasks in one srun step (and `evaluator`, if given, as a
     step beside it; with `data_service_workers`, a tf.data service for the job); see the module doc.
 
-    `time` is Slurm's time limit; `timeout_s` (the launcher's --timeout) is the same limit in seconds."""
-    nodes, tasks_per_node = layout(num_workers, nodes, tasks_per_node)
+    `time` is Slurm's time limit; `timeout_s` (the launcher's --timeout) is the same limit in seconds. `nodes` may be
+    a range 'MIN-MAX' (then `num_workers` is MAX × tasks_per_node; see the module doc)."""
+    fewest, most = node_range(nodes)
+    most, tasks_per_node = layout(num_workers, most, tasks_per_node)
+    elastic = fewest is not None and fewest < most
     limit_s, gpus = _check_options(tasks_per_node, gres, time, timeout_s, partition, output)
-    directives = _directives(job_name, nodes, tasks_per_node, gres, time, limit_s, partition, output)
-    step = _workers_step(command, nodes, tasks_per_node, gpus, data_service_workers)
+    directives = _directives(job_name, f"{fewest}-{most}" if elastic else str(most), tasks_per_node, gres, time,
+                             limit_s, partition, output)
+    step = _workers_step(command, most, tasks_per_node, gpus, data_service_workers, elastic)
     never = "|".join(str(s) for s in exitcodes.NEVER_RESTART)
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
              "# Written by `python -m dtf.launch --emit=slurm`; submit unchanged with sbatch. Task 0 is the chief;",

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 from dtf.base.errors import UserError
 from dtf.base.exitcodes import PREEMPTION_GRACE_S
-from dtf.config import specs
+from dtf.config import specs, target
 from dtf.config.choices import (COMMUNICATIONS, CROSS_DEVICE_OPS, DEFAULT_CLUSTER_TIMEOUT_S, EPOCH_MODES,
                                 LR_SCALING_RULES, OPTIMIZERS, SCHEDULES, SHARDINGS, STRATEGIES)
 
@@ -115,6 +115,12 @@ class Config:
                          "--steps_per_epoch), or auto (stream when --steps_per_epoch is not one pass, else pass).",
                          EPOCH_MODES)
     validation_freq: int = _f(1, "training", "Validate every N epochs.", positive=True)
+    stop_at: Optional[str] = _f(None, "training", "Stop training at the first validation where a metric reaches "
+                                "this, e.g. val_accuracy>=0.9 or val_loss<=0.3; the summary records the optimizer "
+                                "steps and training seconds (validation excluded) it took (stop_at).")
+    validate_every_steps: int = _f(0, "training", "With --stop_at: also validate every N optimizer steps (0: at "
+                                   "epoch ends only), so the target is found to the step; the epoch's training "
+                                   "metrics then cover the steps since the last validation.", lower=0)
     steps_per_execution: int = _f(1, "training", "Steps run per tf.function call.", positive=True)
     mixed_precision: bool = _f(False, "training", "mixed_float16 (GPU) compute with float32 variables.")
     jit_compile: bool = _f(False, "training", "XLA-compile the train step.")
@@ -158,6 +164,11 @@ class Config:
             if self.cache:
                 raise UserError("--cache keeps examples in the training process, which --data_service does not read; "
                                 "remove one of them")
+        if self.stop_at is not None:
+            target.parse_target(self.stop_at, "--stop_at")
+        if self.validate_every_steps and (self.stop_at is None or not self.stop_at.strip().startswith("val_")):
+            raise UserError(f"--validate_every_steps={self.validate_every_steps} validates for --stop_at: give a "
+                            "validation target such as --stop_at=val_accuracy>=0.9, or remove it")
         if self.warmup_steps is not None and self.warmup_epochs:
             raise UserError("give --warmup_epochs or --warmup_steps, not both")
         if (self.num_cpu_devices or 0) > MAX_CPU_DEVICES:  # TF then spends minutes setting up devices, silently

@@ -22,6 +22,13 @@ metrics equal the single-device ones (checked under mirrored and 2 workers in te
 
 With a tf.data service (`data_service`, see dtf.cluster.data_service), training batches are produced by the service in
 the same order and counts; evaluation stays local (exact, and small).
+
+Elastic resume (`Carry`): a run resumed on another number of input pipelines (workers) or replicas at the same global
+batch. With `sharding="batch"` nothing changes: the global batch sequence does not depend on the layout. With shares
+("none", "files", "records") a pass depends on the layout, so the rest of the interrupted pass is rebuilt from the old
+layout's shares (each shuffled as that layout shuffled it, minus the steps it trained) and dealt out to the new
+pipelines: every example of that pass not yet trained on is trained on exactly once, in other batches than the old
+layout would have formed; the passes after it are whole passes of the new layout.
 """
 import dataclasses
 import math
@@ -73,6 +80,44 @@ class DistributedData:
     steps_per_pass: Optional[int] = None  # training: steps in one pass over the smallest share
     input_shape: Optional[Tuple[int, ...]] = None
     num_classes: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What a pass is made of on one layout: its input pipelines, replicas and sharding, and the steps read of each
+    pass (a pass's steps, or an epoch's when "pass" epochs cut passes). Recorded with every backup."""
+
+    pipelines: int
+    replicas: int
+    sharding: str  # "batch", "none", "files", "records" or "function"
+    steps_read: int  # steps read of each pass
+
+    def same_passes(self, other: "Layout") -> bool:
+        """Whether passes hold the same examples in the same batches (then a resume needs no `Carry`)."""
+        if self.sharding == other.sharding == "batch":
+            return self.steps_read == other.steps_read
+        return (self.pipelines, self.sharding, self.steps_read) == (other.pipelines, other.sharding, other.steps_read)
+
+
+@dataclasses.dataclass(frozen=True)
+class Carry:
+    """The rest of pass `pass_number` after a layout change at global step `step`: the steps `skip`.. of the old
+    layout's pass (`old`), `steps` global batches in any layout, followed by the new layout's passes from
+    `pass_number + 1`. The order of the rest is a function of the old layout alone, so a second change inside it keeps
+    it."""
+
+    step: int
+    pass_number: int
+    skip: int
+    steps: int
+    old: Layout
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Carry":
+        return cls(**{**record, "old": Layout(**record["old"])})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,14 +190,43 @@ def resolve_epoch_mode(epoch_mode: str, steps_per_epoch: Optional[int], steps_pe
     return epoch_mode
 
 
+def reading_mode(epoch_mode: str, steps_per_epoch: int, steps_per_pass: int, one_pass_epochs: bool = False) -> str:
+    """How a run with `epoch_mode` epochs reads passes of `steps_per_pass` steps (after a resume on another layout,
+    that pass length may not be the one the epochs were made for): "pass" epochs longer than the pass, or epochs that
+    were one pass of the layout the run started on (`one_pass_epochs`) and differ from this one's, stream, every pass
+    whole and each epoch keeping its steps."""
+    if epoch_mode == "pass" and (steps_per_epoch > steps_per_pass
+                                 or (one_pass_epochs and steps_per_epoch != steps_per_pass)):
+        return "stream"
+    return epoch_mode
+
+
+def steps_read(epoch_mode: str, steps_per_epoch: int, steps_per_pass: int) -> int:
+    """The steps read of each pass: all of it when streaming, an epoch's when each epoch is a pass (cut)."""
+    return steps_per_epoch if epoch_mode == "pass" else steps_per_pass
+
+
+def pass_position(step: int, steps_read_per_pass: int, carry: Optional[Carry] = None) -> Tuple[int, int, bool]:
+    """(the pass global step `step` is in, its steps before `step`, whether that pass is `carry`'s rest of a pass).
+    After a layout change (`carry`) passes are counted from its step. An epoch that is a (cut) pass reads as many steps
+    of each pass as it has, so the same count serves both epoch modes."""
+    if carry is None:
+        return step // steps_read_per_pass, step % steps_read_per_pass, False
+    if step < carry.step:
+        raise ValueError(f"step {step} is before the layout change at step {carry.step}")
+    if step < carry.step + carry.steps:
+        return carry.pass_number, step - carry.step, True
+    passes, skip = divmod(step - carry.step - carry.steps, steps_read_per_pass)
+    return carry.pass_number + 1 + passes, skip, False
+
+
 def stream_position(epoch_mode: str, steps_per_epoch: int, steps_per_pass: int, initial_epoch: int,
-                    initial_step: int) -> Tuple[int, int, int]:
+                    initial_step: int, carry: Optional[Carry] = None) -> Tuple[int, int, int, bool]:
     """(the steps read of each pass, the pass a run resumed at (initial_epoch, initial_step) starts in, the steps of
-    it to skip). Streaming, passes are read whole and epochs are windows of them; else each epoch is a pass, cut."""
-    if epoch_mode == "stream":
-        position = initial_epoch * steps_per_epoch + initial_step
-        return steps_per_pass, position // steps_per_pass, position % steps_per_pass
-    return steps_per_epoch, initial_epoch, initial_step
+    it to skip, whether that pass is `carry`'s rest of a pass). Streaming, passes are read whole and epochs are windows
+    of them; else each epoch is a pass, cut."""
+    read = steps_read(epoch_mode, steps_per_epoch, steps_per_pass)
+    return (read, *pass_position(initial_epoch * steps_per_epoch + initial_step, read, carry))
 
 
 def _resolve(source: Source, split: Optional[str], data_dir: Optional[str], training: bool):
@@ -189,6 +263,17 @@ def share_sizes(split: DatasetSplit, num_pipelines: int) -> Tuple[str, List[int]
 _said_shard_hint = False
 
 
+def _share_data(source, sharding: str, ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    """Pipeline `ctx.input_pipeline_id`'s part of `source` under `sharding` (unshuffled)."""
+    if sharding == "function":
+        return source(ctx)
+    if sharding in ("none", "batch"):
+        return source.read(None)
+    if sharding == "files":
+        return source.read(ctx)
+    return source.read(None).shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+
+
 def _share(source, ctx: tf.distribute.InputContext) -> _Share:
     """This pipeline's part: by files when there are enough shards, else by records (with a warning)."""
     pipelines, index = ctx.num_input_pipelines, ctx.input_pipeline_id
@@ -196,26 +281,28 @@ def _share(source, ctx: tf.distribute.InputContext) -> _Share:
         contexts = [tf.distribute.InputContext(pipelines, i, ctx.num_replicas_in_sync) for i in range(pipelines)]
         return _Share("function", [count_examples(source(c)) for c in contexts], source(ctx))
     sharding, sizes = share_sizes(source, pipelines)
-    if sharding == "none":
-        return _Share(sharding, sizes, source.read(None))
-    if sharding == "files":
-        return _Share(sharding, sizes, source.read(ctx))
+    if sharding != "records":
+        return _Share(sharding, sizes, _share_data(source, sharding, ctx))
     global _said_shard_hint
     if index == 0 and not _said_shard_hint:  # the chief's pipeline, once a run: not per split, worker or epoch
         _said_shard_hint = True
         log.warning(f"{source.name} {source.split} is stored in {source.num_shards} shard(s) for {pipelines} input "
                     f"pipelines: sharding by records, so every pipeline reads all {source.num_examples} examples and "
                     f"keeps 1 in {pipelines}; store it in at least {pipelines} files to read less")
-    return _Share(sharding, sizes, source.read(None).shard(pipelines, index))
+    return _Share(sharding, sizes, _share_data(source, sharding, ctx))
 
 
 def _training_steps(share: _Share, global_batch_size: int, num_replicas: int, steps_per_epoch: Optional[int],
-                    epoch_mode: str, initial_step: int) -> Tuple[int, int, str]:
-    """(steps per epoch, steps per pass, the resolved epoch mode); the resume step must fall inside the epoch."""
+                    epoch_mode: str, initial_step: int, carry: Optional[Carry]) -> Tuple[int, int, str]:
+    """(steps per epoch, steps per pass, the resolved epoch mode); the resume step must fall inside the epoch. After
+    a layout change (`carry`) the mode is the run's, resolved on the layout it started on."""
     per_pass = training_steps(share.sizes, global_batch_size, num_replicas)
     if steps_per_epoch is not None and steps_per_epoch < 1:
         raise UserError(f"steps_per_epoch={steps_per_epoch} must be >= 1", arguments=("steps_per_epoch",))
-    mode = resolve_epoch_mode(epoch_mode, steps_per_epoch, per_pass)
+    if carry is not None and epoch_mode in ("stream", "pass"):
+        mode = reading_mode(epoch_mode, steps_per_epoch or per_pass, per_pass)
+    else:
+        mode = resolve_epoch_mode(epoch_mode, steps_per_epoch, per_pass)
     steps = steps_per_epoch or per_pass
     if initial_step >= steps:
         raise UserError(f"initial_step={initial_step} is past the end of an epoch of {steps} steps")
@@ -268,7 +355,7 @@ def distribute_dataset(strategy: tf.distribute.Strategy, source: Source, global_
                        preprocess: Optional[Callable] = None, preprocess_batch: Optional[Callable] = None,
                        data_dir: Optional[str] = None, split: Optional[str] = None, initial_epoch: int = 0,
                        initial_step: int = 0, steps_per_epoch: Optional[int] = None, epoch_mode: str = "auto",
-                       sharding: str = "auto", data_service=None) -> DistributedData:
+                       sharding: str = "auto", data_service=None, carry: Optional[Carry] = None) -> DistributedData:
     """Per-replica batches of `source` for `strategy`, one input pipeline per worker (see the module doc).
 
     Args:
@@ -300,6 +387,8 @@ def distribute_dataset(strategy: tf.distribute.Strategy, source: Source, global_
         check equivalence, or to compare runs across cluster sizes), at the cost of every worker reading everything.
       data_service: a running tf.data service (see dtf.cluster.data_service) that produces the training batches, in
         the same order and counts; evaluation stays local.
+      carry: after a resume on another layout, where the interrupted pass stands (see `Carry`; from
+        dtf.experiment.elastic).
 
     Returns:
       The `DistributedData` for `fit` or `evaluate`: the dataset and its steps per epoch.
@@ -311,6 +400,11 @@ def distribute_dataset(strategy: tf.distribute.Strategy, source: Source, global_
     num_replicas = strategy.num_replicas_in_sync
     per_replica = check_global_batch(global_batch_size, num_replicas)
     _check_reading(shuffle_buffer, initial_epoch, initial_step, cache, training, data_service)
+    if carry is not None and data_service is not None:
+        raise UserError("a run resumed on another number of workers or replicas cannot read its interrupted pass "
+                        "from a tf.data service; resume it without --data_service, or on its old layout "
+                        f"({carry.old.pipelines} worker(s), {carry.old.replicas} replica(s))",
+                        arguments=("data_service",))
     seed = DEFAULT_SEED if seed is None else seed
     options = _options(deterministic)
     by_batch = training and sharding == "batch" and isinstance(source, DatasetSplit)
@@ -321,11 +415,17 @@ def distribute_dataset(strategy: tf.distribute.Strategy, source: Source, global_
         data = _filled_cache(share.dataset) if cache else share.dataset
         if training:
             steps, per_pass, mode = _training_steps(share, global_batch_size, num_replicas, steps_per_epoch,
-                                                    epoch_mode, initial_step)
-            pass_steps, first_pass, skip = stream_position(mode, steps, per_pass, initial_epoch, initial_step)
+                                                    epoch_mode, initial_step, carry)
+            pass_steps, first_pass, skip, in_carry = stream_position(mode, steps, per_pass, initial_epoch,
+                                                                     initial_step, carry)
+            rest = None
+            if in_carry:
+                rest = _rest_of_pass(source, carry, ctx, per_replica, seed, shuffle_buffer, preprocess,
+                                     preprocess_batch)
+                first_pass += 1
             data = _training_batches(data, ctx, per_replica, pass_steps, seed, shuffle_buffer, preprocess,
                                      preprocess_batch, first_pass, skip, global_batch_size if by_batch else None,
-                                     data_service)
+                                     data_service, rest)
         else:
             steps, per_pass, mode = evaluation_steps(share.sizes, global_batch_size, num_replicas), None, None
             data = _evaluation_batches(data, per_replica, preprocess, preprocess_batch)
@@ -366,13 +466,50 @@ def _one_after_another(inputs: tf.data.Dataset, make: Callable, ready: int) -> t
     return tf_upstream.parallel_interleave(inputs, make, buffer_output_elements=ready, prefetch_input_elements=1)
 
 
+def _shuffled(share: tf.data.Dataset, seed: int, buffer: int, p) -> tf.data.Dataset:
+    """`share` in pass `p`'s order. Call it inside a traced dataset function: it sets only that function's graph-level
+    seed, which TF pairs with the op seed, so the order depends on (seed, p) alone, not on whether or how the user set
+    the process-wide seed."""
+    tf.random.set_seed(GRAPH_SEED)
+    return share.shuffle(buffer, seed=pass_seed(seed, p))
+
+
+def _rest_of_pass(source, carry: Carry, ctx: tf.distribute.InputContext, per_replica: int, seed: int, buffer: int,
+                  preprocess, preprocess_batch) -> tf.data.Dataset:
+    """This pipeline's batches of the rest of `carry`'s pass: every old pipeline's share shuffled as the old layout
+    shuffled it, its first `carry.skip` steps' examples dropped and cut where the old pass was, concatenated over the
+    old pipelines; new pipeline j keeps every n-th example from the j-th, so global step t of the rest is examples
+    [t·global batch, (t+1)·global batch) of it, whatever the new layout. Every old pipeline's share is read, for
+    this pass only."""
+    old = carry.old
+    old_per_pipeline = ctx.num_replicas_in_sync * per_replica // old.pipelines  # what one old pipeline gave a step
+    parts = []
+    for i in range(old.pipelines):
+        old_ctx = tf.distribute.InputContext(old.pipelines, i, old.replicas)
+        parts.append(tf.data.Dataset.from_tensors(tf.constant(carry.pass_number, tf.int64)).flat_map(
+            lambda p, share=_share_data(source, old.sharding, old_ctx): _shuffled(share, seed, buffer, p).skip(
+                carry.skip * old_per_pipeline).take(carry.steps * old_per_pipeline)))
+    rest = parts[0]
+    for part in parts[1:]:
+        rest = rest.concatenate(part)
+    rest = rest.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    if preprocess is not None:
+        rest = rest.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    rest = rest.batch(per_replica, drop_remainder=True).take(carry.steps * replicas)
+    return _map_batches(rest, preprocess_batch)
+
+
 def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, per_replica: int, steps: int,
                       seed: int, buffer: int, preprocess, preprocess_batch, first_pass: int, skip_steps: int,
-                      slice_of_global: Optional[int] = None, service=None) -> tf.data.Dataset:
+                      slice_of_global: Optional[int] = None, service=None,
+                      rest: Optional[tf.data.Dataset] = None) -> tf.data.Dataset:
     """Passes first_pass, first_pass + 1, ... of `steps` steps each (one batch per local replica per step), pass p
     the share shuffled by pass_seed(seed, p); the first `skip_steps` steps are skipped. With `slice_of_global` (the
     global batch), `share` is the whole split and this pipeline keeps its slice of each global batch. With `service`,
-    each pass is produced there in `service.jobs` parts (see dtf.cluster.data_service for why that keeps the order)."""
+    each pass is produced there in `service.jobs` parts (see dtf.cluster.data_service for why that keeps the order).
+    With `rest` (the rest of a pass begun on another layout, `_rest_of_pass`), it comes first, and is what
+    `skip_steps` counts in."""
     replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     batches_per_pass = steps * replicas
     per_pipeline = per_replica * replicas
@@ -384,10 +521,7 @@ def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, p
 
     @tf.autograph.experimental.do_not_convert  # plain Python branches; AutoGraph misreads this closure and warns
     def shuffled_pass(p, part=None):
-        # Traced in a graph, this sets only this function's graph-level seed, which TF pairs with the op seed: the
-        # order then depends on (seed, p) alone, not on whether or how the user set the process-wide seed.
-        tf.random.set_seed(GRAPH_SEED)
-        data = share.shuffle(buffer, seed=pass_seed(seed, p))
+        data = _shuffled(share, seed, buffer, p)
         if part is not None and not slice_of_global:  # a service part: the examples of batches part, part + jobs, ...
             data = data.take(batches_per_pass * per_replica).enumerate().filter(
                 lambda i, _: i // per_replica % service.jobs == part).map(lambda _, example: example)
@@ -413,6 +547,8 @@ def _training_batches(share: tf.data.Dataset, ctx: tf.distribute.InputContext, p
         passes = tf.data.Dataset.counter(first_pass).flat_map(served_pass)
     else:
         passes = _one_after_another(tf.data.Dataset.counter(first_pass), shuffled_pass, ready=replicas)
+    if rest is not None:
+        passes = rest.concatenate(passes)
     passes = passes.skip(skip_steps * replicas)
     # Infinite (not unknown) keeps TF from checking every step whether some worker ran out of data.
     return passes.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))

@@ -61,6 +61,12 @@ class Backup:
     plan: Optional[dict] = None  # the run's plan (dtf.experiment.rundir; None: written by a dtf that did not record it)
     epochs: Optional[int] = None  # the epochs the run was planned for
     diverged: bool = False  # the run went on past this backup and diverged (this one is its last finite state)
+    # Elastic resume (dtf.experiment.elastic): the layout it was written on, the carried rest of a pass, the layout
+    # changes so far, each layout's training steps and seconds (None/empty: written by a dtf that did not record them).
+    layout: Optional[dict] = None
+    carry: Optional[dict] = None
+    layout_changes: tuple = ()
+    throughput: tuple = ()
 
 
 def _sha256(path: str) -> str:
@@ -86,7 +92,8 @@ def _read_pair(backup_dir: str, name: str) -> Backup:
         raise ValueError(f"{name} names {weights_name}, which is missing")
     if "sha256" in meta and _sha256(weights) != meta["sha256"]:
         raise ValueError(f"{weights_name} does not match the checksum in {name} (a partial write)")
-    return Backup(epoch, steps_done, weights, meta.get("plan"), epochs, bool(meta.get("diverged")))
+    return Backup(epoch, steps_done, weights, meta.get("plan"), epochs, bool(meta.get("diverged")), meta.get("layout"),
+                  meta.get("carry"), tuple(meta.get("layout_changes") or ()), tuple(meta.get("throughput") or ()))
 
 
 _warned = set()
@@ -143,7 +150,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def __init__(self, backup_dir: str, save_freq="epoch", delete_checkpoint: bool = False,
                  cluster: Optional[cluster_lib.ClusterInfo] = None, plan: Optional[dict] = None,
-                 epochs: Optional[int] = None):
+                 epochs: Optional[int] = None, layout=None):
         """
         Args:
             backup_dir: the chief's backup directory (on storage every worker reads); other workers write to a
@@ -153,7 +160,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             delete_checkpoint: remove the backup when training ends (Keras's default is True; dtf keeps it).
             cluster: where this process sits (default: TF_CONFIG); decides who writes to `backup_dir`.
             plan, epochs: what the run is (dtf.experiment.rundir), recorded with every backup so a rerun can tell.
+            layout: a dtf.experiment.elastic.LayoutRecorder (listed before this callback): its `backup_record()` is
+                recorded with every backup, so a rerun on another layout resumes at the same data position.
         """
+        self._layout = layout
         self._real_dir = backup_dir
         self._own_dir = write_dir(backup_dir, cluster)
         self._record = {"plan": plan, "epochs": epochs} if plan is not None else {}
@@ -243,7 +253,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             keep.add(os.path.basename(previous.weights))
         atomic.write_json(os.path.join(directory, METADATA), {
             "epoch": self._epoch, "steps_done": self._steps, "weights": name,
-            "sha256": _sha256(os.path.join(directory, name)), **self._record})
+            "sha256": _sha256(os.path.join(directory, name)), **self._record,
+            **(self._layout.backup_record() if self._layout is not None else {})})
         for leftover in tf.io.gfile.listdir(directory):
             if leftover not in keep and (leftover.startswith(_WEIGHTS_PREFIX) or atomic.is_temporary(leftover)
                                          or leftover == _LEGACY_WEIGHTS):

@@ -74,10 +74,13 @@ def _metrics(logs) -> str:
 
 class TrainingProgress(keras.callbacks.Callback):
     """Keras fit's progress (use with verbose=0): a bar per epoch, or one line per epoch, with the training
-    examples/s of the epoch (validation excluded). `label` prefixes every line (dtf.tune: the trial)."""
+    examples/s of the epoch (validation excluded). `label` prefixes every line (dtf.tune: the trial); `note` ends
+    the first epoch line (a resume on another layout: the change, dtf.experiment.elastic)."""
 
-    def __init__(self, mode: str, global_batch_size: int, stream: Optional[TextIO] = None, label: str = ""):
+    def __init__(self, mode: str, global_batch_size: int, stream: Optional[TextIO] = None, label: str = "",
+                 note: str = ""):
         super().__init__()
+        self.note = note
         self.stream = stream or sys.stdout
         self.mode, self.global_batch_size, self.label = resolve(mode, self.stream), global_batch_size, label
         self._bar: Optional[Bar] = None
@@ -100,6 +103,8 @@ class TrainingProgress(keras.callbacks.Callback):
                 f"{rate(self._steps * self.global_batch_size, self._train_s)}")
         metrics = _metrics(logs)
         line += f" - {metrics}" if metrics else ""
+        if self.note:
+            line, self.note = f"{line} - layout changed at {self.note}", ""
         if self._bar is not None:
             self._bar.finish(line)
             self._bar = None

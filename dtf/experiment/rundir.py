@@ -45,8 +45,9 @@ OUTPUTS = ("model.keras", "summary.json", "flags.txt")
 _NOT_PLAN = frozenset({
     "strategy", "num_cpu_devices", "num_gpus", "communication", "cross_device_ops", "num_packs", "cluster_timeout",
     "worker_hosts", "task_index", "cluster_resolver", "per_replica_batch_size", "data_dir", "cache", "data_service",
-    "epochs", "validation_freq", "steps_per_execution", "jit_compile", "model_dir", "checkpoint_every",
-    "preemption_grace_s", "backup_every_steps", "export", "log_every_steps", "profile_steps", "progress"})
+    "epochs", "stop_at", "validate_every_steps", "validation_freq", "steps_per_execution", "jit_compile", "model_dir",
+    "checkpoint_every", "preemption_grace_s", "backup_every_steps", "export", "log_every_steps", "profile_steps",
+    "progress"})
 _NOT_PLAN |= {"tracking_uri", "experiment_name"}  # where the run is also logged (dtf.tracking), not what it is
 # Plan fields a rerun may change after the run diverged: how it optimizes, not what or on which batches.
 _AFTER_DIVERGING = frozenset({

@@ -21,8 +21,8 @@ from dtf.config import specs
 from dtf.config.batch_plan import BatchPlan
 from dtf.config.config import Config
 from dtf.distribute import inputs as data_lib, strategy as strategy_lib
-from dtf.experiment import (atomic, callbacks as callbacks_lib, preemption, progress as progress_lib, rundir,
-                            task as task_lib)
+from dtf.experiment import (atomic, callbacks as callbacks_lib, elastic, preemption, progress as progress_lib,
+                            rundir, stop_at, task as task_lib)
 from dtf.experiment.summaries import TrainingScalars, write_run_metadata
 from dtf.optim import noise_scale, scaling
 from dtf.upstream import keras as keras_upstream
@@ -82,18 +82,45 @@ class Experiment:
         self.train_split, self.eval_split = task_lib.splits(self.task, self.task_label)
         if self.eval_split is None:
             log.info(f"{self.task_label} has no validation or test split: training without validation")
-        sizes = ([self.train_split.num_examples] if config.input_sharding == "batch"
-                 else data_lib.share_sizes(self.train_split, cluster.num_workers)[1])
+        self.sharding, sizes = (("batch", [self.train_split.num_examples]) if config.input_sharding == "batch"
+                                else data_lib.share_sizes(self.train_split, cluster.num_workers))
         self.steps_per_pass = data_lib.training_steps(sizes, self.plan.global_batch_size, self.plan.num_replicas)
-        self.epoch_mode = data_lib.resolve_epoch_mode(config.epoch_mode, config.steps_per_epoch, self.steps_per_pass)
-        self.steps_per_epoch = config.steps_per_epoch or self.steps_per_pass
+        self.set_epochs()
+        self.resume_state, self.first_step = elastic.Resume(), 0
+        self.recorder: Optional[elastic.LayoutRecorder] = None  # made with the callbacks of a run that backs up
+        self.effective_batch = self.plan.global_batch_size * (config.gradient_accumulation_steps or 1)
+        self.peak_lr = scaling.scaled_lr(config.base_lr, self.effective_batch, config.reference_batch_size,
+                                         config.lr_scaling)
+
+    def set_epochs(self, origin: Optional[dict] = None):
+        """Steps per epoch and epoch mode. `origin`: the layout record of the backup this run resumes
+        (dtf.experiment.elastic): on another layout the run keeps the epochs it started with (an implicit epoch stays
+        its first layout's pass), so its LR schedule and step count do not change."""
+        config = self.config
+        self.steps_per_epoch = config.steps_per_epoch or (origin or {}).get("steps_per_epoch") or self.steps_per_pass
+        if origin and config.epoch_mode in ("auto", origin["epoch_mode"]):
+            self.epoch_mode = origin["epoch_mode"]
+        else:
+            self.epoch_mode = data_lib.resolve_epoch_mode(config.epoch_mode, config.steps_per_epoch,
+                                                          self.steps_per_pass)
+        # One-pass epochs kept from another layout stream over this layout's passes when theirs differ in length.
+        self.reading_mode = data_lib.reading_mode(self.epoch_mode, self.steps_per_epoch, self.steps_per_pass,
+                                                  one_pass_epochs=config.steps_per_epoch is None)
         self.total_steps = self.steps_per_epoch * config.epochs
         if self.total_steps > MAX_STEPS:
             raise UserError(f"--epochs={config.epochs} × {self.steps_per_epoch} steps per epoch is {self.total_steps} "
                             f"steps, more than a run can count ({MAX_STEPS}); lower --epochs")
-        self.effective_batch = self.plan.global_batch_size * (config.gradient_accumulation_steps or 1)
-        self.peak_lr = scaling.scaled_lr(config.base_lr, self.effective_batch, config.reference_batch_size,
-                                         config.lr_scaling)
+
+    def layout_record(self) -> dict:
+        """This run's layout, as its backups record it (dtf.experiment.elastic)."""
+        layout = data_lib.Layout(self.cluster.num_workers, self.plan.num_replicas, self.sharding,
+                                 data_lib.steps_read(self.reading_mode, self.steps_per_epoch, self.steps_per_pass))
+        return elastic.layout_record(self.cluster.num_workers, layout, self.steps_per_epoch, self.epoch_mode)
+
+    def resume(self, backup: callbacks_lib.Backup):
+        """Resume from `backup`, on this layout or another (logged; dtf.experiment.elastic)."""
+        self.resume_state = elastic.resume(backup, self.layout_record())
+        self.first_step = backup.epoch * self.steps_per_epoch + backup.steps_done
 
     def resolved_config(self) -> Config:
         """The config to re-run this experiment anywhere: the global batch made explicit (it is the truth), the
@@ -124,8 +151,9 @@ class Experiment:
             self.strategy, self.train_split, self.plan.global_batch_size, training=True, seed=c.seed,
             shuffle_buffer=c.shuffle_buffer, cache=c.cache, deterministic=c.deterministic,
             initial_epoch=initial_epoch, initial_step=initial_step, steps_per_epoch=self.steps_per_epoch,
-            epoch_mode=self.epoch_mode,
-            sharding=c.input_sharding, preprocess_batch=self._preprocess_batch(True), data_service=self.data_service)
+            epoch_mode=self.reading_mode,
+            sharding=c.input_sharding, preprocess_batch=self._preprocess_batch(True), data_service=self.data_service,
+            carry=self.resume_state.carry)
 
     def eval_data(self) -> Optional[data_lib.DistributedData]:
         if self.eval_split is None:
@@ -193,13 +221,18 @@ class Experiment:
         if c.measure_noise_scale:
             out.append(noise_scale.NoiseScaleLogger())
         if backup_dir:
+            self.recorder = elastic.LayoutRecorder(self.layout_record(), self.resume_state, self.first_step,
+                                                   self.plan.global_batch_size, log_dir, self.cluster.is_chief)
+            out.append(self.recorder)
             out.append(callbacks_lib.BackupAndRestore(
                 backup_dir, save_freq=c.backup_every_steps or "epoch", cluster=self.cluster, plan=self.rerun_plan(),
-                epochs=c.epochs))
+                epochs=c.epochs, layout=self.recorder))
         out.append(TrainingScalars(os.path.join(log_dir, "train"), self.plan.global_batch_size,
                                    every_n_steps=c.log_every_steps, cluster=self.cluster))
         out.append(callbacks_lib.TensorBoard(log_dir, cluster=self.cluster, update_freq=c.log_every_steps,
                                              profile_batch=tuple(c.profile_steps) or 0))
+        if c.stop_at:
+            out.append(stop_at.StopAtTarget(c.stop_at, c.validate_every_steps, self.eval_data))
         if c.checkpoint_every:
             out.append(callbacks_lib.ModelCheckpoint(
                 os.path.join(c.model_dir, "checkpoints", "epoch_{epoch:03d}.keras"), cluster=self.cluster,
@@ -214,7 +247,9 @@ class Experiment:
         progress: the display (default: --progress on the chief's stdout, nothing on the other workers or with
         verbose=0). restore_from: the backup the BackupAndRestore callback restores (False: none; None: the newest)."""
         if progress is None and verbose != 0 and self.cluster.is_chief:
-            progress = progress_lib.TrainingProgress(self.config.progress, self.plan.global_batch_size)
+            changed = [c for c in self.resume_state.changes if c["step"] == self.first_step]
+            progress = progress_lib.TrainingProgress(self.config.progress, self.plan.global_batch_size,
+                                                     note=elastic.describe_changes(changed))
         callbacks = [*callbacks, progress] if progress is not None else list(callbacks)
         eval_data = self.eval_data()
         history = {}
@@ -278,11 +313,15 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
         tracker.check()  # an unreachable tracking store is one line (exit 2), before anything is written
     strategy = strategy or create_strategy(config)
     exp = Experiment(config, strategy, cluster, task)
+    exp.set_epochs(elastic.recorded_layout(config.model_dir))  # a resume on another layout keeps the run's epochs
     resolved = exp.resolved_config()
     def decide():
         return rundir.decide(config.model_dir, exp.rerun_plan(), config.epochs, exp.steps_per_epoch, restart)
 
     decision = decide()  # reads only
+    if decision.backup is None:  # a fresh run (or --restart): the epochs of its own layout
+        exp.set_epochs()
+        resolved = exp.resolved_config()
     if decision.action == "finished":
         return {**decision.summary, "already_finished": True}
     model = exp.build_model()  # its checks (the task's model against its data) come before anything is written
@@ -299,6 +338,8 @@ def run_experiment(config: Config, strategy: Optional[tf.distribute.Strategy] = 
         if decision.message and not decision.move_aside:
             log.info(decision.message)
         backup = decision.backup
+        if backup is not None:
+            exp.resume(backup)
         initial_epoch, initial_step = (backup.epoch, backup.steps_done) if backup else (0, 0)
         tracking = tracker.training(exp, resolved) if tracker is not None else contextlib.nullcontext([])
         with tracking as tracking_callbacks:
@@ -335,6 +376,7 @@ def _train(exp: Experiment, model: keras.Model, resolved: Config, decision: rund
     train_seconds = sum(ms / 1000 * n for ms, n in zip(history.get("step_time_ms", []), epoch_steps))
     summary = _summary(exp, resolved, history, final, [initial_epoch, initial_step], start)
     summary["examples_per_sec"] = sum(epoch_steps) * exp.plan.global_batch_size / max(train_seconds, 1e-9)
+    summary.update({"stop_at": cb.summary() for cb in callbacks if isinstance(cb, stop_at.StopAtTarget)})
     _export(config, cluster, model, resolved, summary)
     return summary
 
@@ -359,6 +401,8 @@ def _summary(exp: Experiment, resolved: Config, history: dict, final: dict, resu
         "warmup_epochs": config.warmup_epochs, "warmup_steps": config.warmup_steps, "epochs": config.epochs,
         "steps_per_epoch": exp.steps_per_epoch, "epoch_mode": exp.epoch_mode, "steps_per_pass": exp.steps_per_pass,
         "resumed_from": resumed_from,
+        "layout_changes": exp.resume_state.changes,
+        "examples_per_sec_by_layout": exp.recorder.summary() if exp.recorder else [],
         **{k: history[k][-1] for k in noise_scale.LOG_KEYS if k in history},
         "final_metrics": {**{k: v[-1] for k, v in history.items() if not k.startswith("val_")},
                           **{f"val_{k}": v for k, v in final.items()}},

@@ -29,7 +29,7 @@ def role() -> Optional[str]:
     return "chief" if "chief" in tuner_id else tuner_id
 
 
-def _strip_flag(args: Sequence[str], name: str) -> List[str]:
+def strip_flag(args: Sequence[str], name: str) -> List[str]:
     """`args` without --name=V / --name V / --noname (the launcher's own flag)."""
     out, skip = [], False
     for i, arg in enumerate(args):
@@ -55,7 +55,7 @@ def launch(argv: Sequence[str], num_tuners: int) -> int:
     from dtf.cluster import procs, tf_config as cluster_lib
 
     names = ["chief"] + [f"tuner{i}" for i in range(num_tuners)]
-    command = procs.python_command("-m", "dtf.tune", *_strip_flag(list(argv[1:]), "num_tuners"))
+    command = procs.python_command("-m", "dtf.tune", *strip_flag(list(argv[1:]), "num_tuners"))
     env = dict(os.environ)
     env.pop("TF_CONFIG", None)  # tuner processes are independent; a trial's strategy comes from the flags
     width = max(len(n) for n in names)

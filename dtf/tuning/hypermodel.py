@@ -16,8 +16,10 @@ import tensorflow as tf  # noqa: E402
 
 from dtf.config import flags as dtf_flags  # noqa: E402
 from dtf.experiment import atomic, progress, train  # noqa: E402
+from dtf.experiment.stop_at import StopAtTarget  # noqa: E402
 from dtf.experiment.summaries import EPOCH_SCALARS, write_run_metadata  # noqa: E402
 from dtf.tuning import distributed, trial_files  # noqa: E402
+from dtf.tuning.objectives import speed_objective, speed_score  # noqa: E402
 
 
 class ObjectiveNotReported(kt.errors.FatalError):
@@ -68,6 +70,8 @@ class DtfHyperModel(kt.HyperModel):
         self.exp = None
         self.stdout = sys.stdout  # trial progress goes here, past search()'s redirect of keras-tuner's display
         self.data_service = None  # the running --data_service while trials train (see dtf.tune's search)
+        self.speed = speed_objective(objective)  # steps_to:/seconds_to: a trial stops at the target it counts to
+        self.stop_at = None  # the trial's StopAtTarget callback, with a speed objective
 
     def overrides(self, hp) -> dict:
         out = {field: _hyperparameter(hp, field, spec) for field, spec in self.space.items()}
@@ -77,6 +81,8 @@ class DtfHyperModel(kt.HyperModel):
         if "warmup_epochs" in out:
             out["warmup_epochs"] = float(out["warmup_epochs"])
         out["model_dir"] = os.path.join(self.tune_dir, "trials", str(self.trial_id))
+        if self.speed:
+            out["stop_at"] = str(self.speed[1])
         return out
 
     def build(self, hp):
@@ -118,7 +124,7 @@ class DtfHyperModel(kt.HyperModel):
         exp = self.exp
         info = {"trial": self.trial_id, "peak_lr": exp.peak_lr, "global_batch_size": exp.plan.global_batch_size,
                 "base_lr": exp.config.base_lr, "warmup_epochs": exp.config.warmup_epochs,
-                "lr_scaling": exp.config.lr_scaling, "initial_epoch": initial_epoch}
+                "lr_scaling": exp.config.lr_scaling, "initial_epoch": initial_epoch, "num_workers": 1}
         if distributed.role() is not None:
             info["tuner"] = distributed.role()
         return info
@@ -130,8 +136,10 @@ class DtfHyperModel(kt.HyperModel):
         budget = [StopAfter(hp.values["tuner/epochs"])] if "tuner/epochs" in hp.values else []
         shown = progress.TrainingProgress(exp.config.progress, exp.plan.global_batch_size, self.stdout,
                                           f"trial {self.trial_id}: ")
-        return exp.fit(model, list(callbacks or []) + exp.callbacks(log_dir, None) + list(tracking) + budget,
-                       initial_epoch=initial_epoch, progress=shown)
+        own = exp.callbacks(log_dir, None)
+        self.stop_at = next((cb for cb in own if isinstance(cb, StopAtTarget)), None)
+        return exp.fit(model, list(callbacks or []) + own + list(tracking) + budget, initial_epoch=initial_epoch,
+                       progress=shown)
 
     def fit(self, hp, model, *args, callbacks=None, **kwargs):
         trial_id = self.trial_id
@@ -154,12 +162,18 @@ class DtfHyperModel(kt.HyperModel):
             trial_files.write_info(self.tune_dir, trial_id, info)
             print(f"dtf.tune: trial {trial_id} failed: {e}", file=sys.stderr, flush=True)
             raise kt.errors.FailedTrialError(str(e)) from None
-        if self.objective not in history:
+        if self.speed is None and self.objective not in history:
             reported = ", ".join(k for k in history if k not in EPOCH_SCALARS)
             raise ObjectiveNotReported(f"--objective={self.objective} is not a metric of this run; it reports: "
                                        f"{reported}")
         info.update(status="completed", wall_time_s=time.time() - start, epochs_run=len(history.get("loss", [])))
         if "tuner/epochs" in hp.values:
             self.save_state(model)
+        if self.speed is not None:  # the steps or training seconds to the target (see dtf.experiment.stop_at)
+            summary = self.stop_at.summary()
+            value, oracle_value = speed_score(self.speed[0], summary, info["epochs_run"] * self.exp.steps_per_epoch)
+            info.update(objective=value, reached=summary["reached"], stop_at=summary)
+            trial_files.write_info(self.tune_dir, trial_id, info)
+            return {self.objective: oracle_value}
         trial_files.write_info(self.tune_dir, trial_id, info)
         return _keras_history(history)

@@ -9,7 +9,10 @@ from dtf.tuning import trial_files
 
 RESULTS, BEST_FLAGS, PLOT = "results.csv", "best.flags", "objective_vs_batch.png"
 RESULT_COLUMNS = ["trial", "global_batch_size", "base_lr", "warmup_epochs", "lr_scaling", "peak_lr", "objective",
-                  "epochs_run", "wall_time_s", "status", "tuner"]
+                  "epochs_run", "wall_time_s", "status", "tuner", "workers", "restarts"]
+# How a trial ended beyond keras-tuner's completed/failed (trial_info's status; dtf.tuning.trial_jobs): a speed
+# objective's trial that never reached its target is "not_reached" and scores +inf, the worst.
+DTF_STATUSES = ("diverged", "stalled", "failed")
 
 
 def collect_results(tuner, tune_dir: str, config) -> List[dict]:
@@ -24,14 +27,18 @@ def collect_results(tuner, tune_dir: str, config) -> List[dict]:
         peak = info.get("peak_lr") or scaling.scaled_lr(
             base_lr, gb * (config.gradient_accumulation_steps or 1), config.reference_batch_size, rule)
         status = str(trial.status).split(".")[-1].lower()
-        if info.get("status") == "diverged":
-            status = "diverged"
+        if info.get("status") in DTF_STATUSES:
+            status = info["status"]
+        objective = info.get("objective", trial.score)  # a trial job's own value (+inf: never reached its target)
+        if info.get("reached") is False:
+            status = "not_reached"
         rows.append({"trial": trial_id, "global_batch_size": gb, "base_lr": base_lr,
                      "warmup_epochs": float(values.get("warmup_epochs", config.warmup_epochs)), "lr_scaling": rule,
-                     "peak_lr": peak, "objective": trial.score if trial.score is not None else "",
+                     "peak_lr": peak, "objective": objective if objective is not None else "",
                      "epochs_run": info.get("epochs_run", ""),
                      "wall_time_s": round(info["wall_time_s"], 2) if "wall_time_s" in info else "",
-                     "status": status, "tuner": info.get("tuner", "")})
+                     "status": status, "tuner": info.get("tuner", ""), "workers": info.get("num_workers", ""),
+                     "restarts": info.get("restarts", "")})
     return rows
 
 
@@ -115,8 +122,11 @@ def plot(rows: List[dict], tune_dir: str, objective: str) -> Optional[str]:
         fig.colorbar(sc, ax=ax, label="peak LR")
         ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch size")
-    ax.set_ylabel(objective)
-    ax.set_title(f"dtf.tune: {len(done)} completed of {len(rows)} trials")
+    kind, speed, target = objective.partition(":")
+    ax.set_ylabel(f"{kind.replace('_', ' ')} {target}" if speed else objective)  # steps to val_accuracy>=0.9
+    missed = sum(r["status"] == "not_reached" for r in rows)
+    ax.set_title(f"dtf.tune: {len(done)} completed of {len(rows)} trials" +
+                 (f"; {missed} never reached {target}" if missed else ""))
     fig.tight_layout()
     path = os.path.join(tune_dir, PLOT)
     with atomic.replacing(path) as tmp, tf.io.gfile.GFile(tmp, "wb") as f:
