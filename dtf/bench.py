@@ -21,6 +21,8 @@ import sys
 
 from dtf import cli
 
+BARRIER_TIMEOUT_MS = 120_000  # the workers' last meeting after a multi-worker bottleneck run (see bottleneck)
+
 
 def _define(argv):
     from absl import flags
@@ -77,6 +79,10 @@ def bottleneck(config, flag_values) -> dict:
     result["gradient_bytes"] = _gradient_bytes(model)
     if exp.plan.num_replicas > 1:
         result["allreduce"] = allreduce.measure_sizes(exp.strategy, result["gradient_bytes"])
+    if exp.cluster.is_multi_worker:  # no worker leaves while a peer still reads the last all-reduce from it
+        from dtf.upstream import tensorflow as tf_upstream
+
+        tf_upstream.wait_at_barrier("dtf.bench.bottleneck.done", BARRIER_TIMEOUT_MS)
     result["advice"] = lib.advice(exp, result)
     result["experiment"] = exp.describe()
     if exp.cluster.is_chief:

@@ -247,6 +247,19 @@ def test_a_killed_tuner_reruns_without_repeating_a_finished_trial(tmp_path, tune
     assert "dtf.tune: 0 new trial(s)" in second.output
 
 
+def _scalars(log_dir) -> dict:
+    """{tag: [(step, value)]} of the scalars in log_dir/train's event files."""
+    import tensorflow as tf
+
+    out = {}
+    for path in sorted((log_dir / "train").glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag.startswith("stop_at/"):
+                    out.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return out
+
+
 # --- objectives about speed -------------------------------------------------------------------------------------------
 
 def test_steps_to_a_known_target(tmp_path):
@@ -270,6 +283,9 @@ def test_steps_to_a_known_target(tmp_path):
     print({lr: (r["objective"], r["epochs_run"], r["status"]) for lr, r in rows.items()})
     assert (float(rows[0.05]["objective"]), rows[0.05]["epochs_run"], rows[0.05]["status"]) == (5.0, "2", "completed")
     assert (rows[1e-9]["objective"], rows[1e-9]["status"]) == ("inf", "not_reached")
+    # TensorBoard (the HParams dashboard's metrics): the reached target's step in the trial's run, none where missed
+    assert _scalars(tmp_path / "tune" / "tb" / rows[0.05]["trial"]).get("stop_at/steps") == [(5, 5.0)]
+    assert "stop_at/steps" not in _scalars(tmp_path / "tune" / "tb" / rows[1e-9]["trial"])
 
 
 def test_seconds_to_sweep_table_and_plot(tmp_path):
@@ -287,6 +303,8 @@ def test_seconds_to_sweep_table_and_plot(tmp_path):
         assert stop_at["reached"] and stop_at["step"] == 3 and stop_at["epoch"] == 1, stop_at
         assert seconds == stop_at["train_seconds"] and 0 < seconds < float(r["wall_time_s"]) and math.isfinite(seconds)
         assert r["epochs_run"] == "1"  # stopped at the target
+        shown = _scalars(tmp_path / "tune" / "trials" / r["trial"] / "tensorboard")["stop_at/train_seconds"]
+        assert shown == [(3, pytest.approx(seconds, rel=1e-6))], shown  # beside the trial's HParams
     assert re.search(r"^\s*trial\s+global_batch_size.*objective", tune.output, re.M)  # the table
     assert (tmp_path / "tune" / "objective_vs_batch.png").stat().st_size > 1000
 

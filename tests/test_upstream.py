@@ -120,6 +120,7 @@ def test_tensorflow_private_names_keep_their_shape():
     params = inspect.signature(interleave_op._ParallelInterleaveDataset).parameters
     assert {"buffer_output_elements", "prefetch_input_elements", "deterministic"} <= set(params)
     assert callable(context.context().set_config_key_value) and callable(context.context().get_config_key_value)
+    assert callable(context.context().wait_at_barrier)  # tensorflow.wait_at_barrier (dtf.bench's last meeting)
     assert tf_upstream.supports_no_merge_call() in (True, False)
     source = tf.data.Dataset.range(6)
     assert tf_upstream.dataset_inputs(source.batch(2)) == [source]

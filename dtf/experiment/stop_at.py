@@ -5,6 +5,7 @@ import time
 from typing import Callable, List, Optional
 
 import keras
+import tensorflow as tf
 
 from dtf.config.target import parse_target
 
@@ -14,10 +15,14 @@ class StopAtTarget(keras.callbacks.Callback):
     (measured from the on_test_begin/end hooks fit's validation calls); the steps are the optimizer's own counter, so
     a run resumed from a backup counts from step 0 of the run, not of this process. Seconds are this process's only."""
 
-    def __init__(self, stop_at: str, every_steps: int = 0, eval_data: Optional[Callable] = None):
+    def __init__(self, stop_at: str, every_steps: int = 0, eval_data: Optional[Callable] = None,
+                 log_dir: Optional[str] = None):
         """every_steps: also validate every N optimizer steps (--validate_every_steps), on `eval_data()` (the
-        experiment's evaluation input, built once when training begins)."""
+        experiment's evaluation input, built once when training begins). log_dir (the chief's): where the reached
+        target's steps and seconds go as TensorBoard scalars, so the HParams dashboard shows them against the
+        run's flags (a sweep's steps-to-result against the global batch)."""
         super().__init__()
+        self._log_dir = log_dir
         self.target = parse_target(stop_at, "--stop_at")
         self.every_steps, self._eval_data, self._eval = every_steps, eval_data, None
         self.train_seconds = 0.0
@@ -77,6 +82,12 @@ class StopAtTarget(keras.callbacks.Callback):
             if epoch is not None:
                 self.reached["epoch"] = epoch
             self.model.stop_training = True
+            if self._log_dir is not None:
+                writer = tf.summary.create_file_writer(self._log_dir)
+                with writer.as_default(step=step), tf.summary.record_if(True):
+                    tf.summary.scalar("stop_at/steps", step)
+                    tf.summary.scalar("stop_at/train_seconds", self.reached["train_seconds"])
+                writer.close()
 
     def on_train_end(self, logs=None):
         self._pause()

@@ -232,7 +232,8 @@ class Experiment:
         out.append(callbacks_lib.TensorBoard(log_dir, cluster=self.cluster, update_freq=c.log_every_steps,
                                              profile_batch=tuple(c.profile_steps) or 0))
         if c.stop_at:
-            out.append(stop_at.StopAtTarget(c.stop_at, c.validate_every_steps, self.eval_data))
+            out.append(stop_at.StopAtTarget(c.stop_at, c.validate_every_steps, self.eval_data,
+                                            os.path.join(log_dir, "train") if self.cluster.is_chief else None))
         if c.checkpoint_every:
             out.append(callbacks_lib.ModelCheckpoint(
                 os.path.join(c.model_dir, "checkpoints", "epoch_{epoch:03d}.keras"), cluster=self.cluster,
