@@ -200,6 +200,22 @@ def test_keras_tuner_private_names_keep_their_shape():
     assert hasattr(config, "DEBUG")
 
 
+def test_keras_tuner_state_files_are_written_atomically(tmp_path):
+    """The oracle's state goes through the patched utils.save_json: a whole file, renamed into place, no leftovers."""
+    import json
+    from keras_tuner.src import utils
+
+    from dtf.upstream import keras_tuner as kt_upstream
+
+    assert utils.save_json is kt_upstream._save_json_atomically
+    oracle = _grid_oracle(tmp_path)
+    assert _run_trial(oracle) == 1
+    oracle.save()
+    files = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_file())
+    assert files == ["oracle.json"], files
+    assert json.loads((tmp_path / "sweep" / "oracle.json").read_text())["ongoing_trials"] == {}
+
+
 # ----------------------------------------------------------------------------------------------- canaries: bugs
 
 

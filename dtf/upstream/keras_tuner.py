@@ -3,6 +3,9 @@ installed keras-tuner against `dtf.base.versions.KERAS_TUNER_RANGE` (verified: 1
 it; tests/test_upstream.py fails when one of these names changes shape or an upstream bug below is fixed.
 """
 import functools
+import json
+import os
+import threading
 from importlib import metadata
 
 import keras_tuner
@@ -16,6 +19,23 @@ versions.check_keras_tuner(metadata.version("keras-tuner"))  # before the privat
 from keras_tuner.src import config as _config, protos as _protos  # noqa: E402
 from keras_tuner.src.distribute import oracle_chief as _oracle_chief  # noqa: E402
 from keras_tuner.src.tuners import gridsearch as _gridsearch  # noqa: E402
+from keras_tuner.src import utils as _utils  # noqa: E402
+
+
+def _save_json_atomically(path, obj):
+    """keras-tuner's `utils.save_json` (every oracle, trial and tuner state file), written to a temporary name and
+    renamed. Upstream writes in place, so a tuner killed while saving (SIGKILL right after a trial ended, when the
+    oracle saves) left an empty oracle.json, and the rerun failed in `reload` with a JSONDecodeError traceback (seen
+    in CI once). Installed when this module is imported; no upstream issue filed; verified on 1.4.8."""
+    text = json.dumps(obj)
+    temporary = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # the oracle saves from several threads
+    with tf.io.gfile.GFile(temporary, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+    return text
+
+
+_utils.save_json = _save_json_atomically  # keras-tuner calls it as utils.save_json(...), so this is what it runs
 
 
 def show_trial_tracebacks(enabled: bool):
