@@ -71,6 +71,22 @@ def alive(handle) -> bool:
         return False
 
 
+def wait_for_backup(model_dir, reached, timeout_s: float, alive=lambda: True, report=lambda: "") -> dict:
+    """The chief's backup metadata in `model_dir` once `reached(metadata)` holds; fails (showing `report()`) after
+    `timeout_s`, or once `alive()` is false."""
+    metadata, deadline = os.path.join(model_dir, "backup", "training_metadata.json"), time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(metadata) as f:
+                backup = json.load(f)
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            backup = {}
+        if reached(backup):
+            return backup
+        assert time.monotonic() < deadline and alive(), report()
+        time.sleep(0.01)
+
+
 def launch_to_success(args, cwd, timeout_s: float):
     """Run `python -m dtf.launch ARGS` to the end (a reference run); fail the test with its output unless it exits 0."""
     launcher = Launcher(list(args), str(cwd))
@@ -122,16 +138,8 @@ class Launcher:
 
     def wait_for_mid_epoch_backup(self, model_dir, epoch: int, timeout_s: float):
         """Until the chief's backup in `model_dir` is past step 0 of (0-based) `epoch`, while the launcher runs."""
-        metadata, deadline = model_dir / "backup" / "training_metadata.json", time.monotonic() + timeout_s
-        while True:
-            try:
-                backup = json.loads(metadata.read_text())
-            except (OSError, ValueError):  # not written yet, or caught mid-write
-                backup = {}
-            if backup.get("epoch") == epoch and backup.get("steps_done", 0) > 0:
-                return
-            assert time.monotonic() < deadline and self.proc.poll() is None, self.output
-            time.sleep(0.01)
+        wait_for_backup(model_dir, lambda b: b.get("epoch") == epoch and b.get("steps_done", 0) > 0, timeout_s,
+                        alive=lambda: self.proc.poll() is None, report=lambda: self.output)
 
     def wait(self, timeout_s: float) -> int:
         try:

@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, SLURM_RUN, emit_slurm, max_weight_delta, model_weights, slurm_env, submit
+from helpers import (REPO, SLURM_RUN, emit_slurm, max_weight_delta, model_weights, slurm_env, submit,
+                     wait_for_backup)
 
 pytestmark = pytest.mark.slow
 PREEMPTED_RUN = [*SLURM_RUN, "--steps_per_epoch=40", "--backup_every_steps=5"]  # later flags win
@@ -30,16 +31,9 @@ def test_scancel_signal_term_stops_both_tasks_at_one_step_requeues_and_resumes_e
                              stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONPATH=REPO),
                              cwd=str(tmp_path))
     try:
-        deadline = time.monotonic() + 240
-        while True:  # mid-epoch 2: the chief's backup is past step 0 of (0-based) epoch 1
-            try:
-                backup = json.loads((model_dir / "backup" / "training_metadata.json").read_text())
-            except (OSError, ValueError):
-                backup = {}
-            if backup.get("epoch") == 1 and backup.get("steps_done", 0) > 0:
-                break
-            assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
-            time.sleep(0.05)
+        # mid-epoch 2: the chief's backup is past step 0 of (0-based) epoch 1
+        wait_for_backup(model_dir, lambda b: b.get("epoch") == 1 and b.get("steps_done", 0) > 0, 240,
+                        report=lambda: log_path.read_text() if log_path.exists() else "no log")
         sent = time.monotonic()
         slurm.run(["scancel", "--signal=TERM", job])
         while "dtf: step preempted (status 143)" not in log_path.read_text():
@@ -85,15 +79,8 @@ def test_a_node_range_job_requeued_with_fewer_tasks_resumes_on_them(slurm, tmp_p
                ELASTIC_IDS_DIR=str(ids_dir), ELASTIC_STEP_S="0.25")
     job = submit(slurm, script, tmp_path / "job.sbatch", env=env)
     deadline = time.monotonic() + 240
-    while True:
-        try:
-            backup = json.loads((model_dir / "backup" / "training_metadata.json").read_text())
-        except (OSError, ValueError):
-            backup = {}
-        if backup.get("epoch") == 0 and backup.get("steps_done", 0) > 0:
-            break
-        assert time.monotonic() < deadline, log_path.read_text() if log_path.exists() else "no log"
-        time.sleep(0.05)
+    wait_for_backup(model_dir, lambda b: b.get("epoch") == 0 and b.get("steps_done", 0) > 0, 240,
+                    report=lambda: log_path.read_text() if log_path.exists() else "no log")
     slurm.run(["scancel", "--signal=TERM", job])
     while "dtf: step preempted (status 143)" not in log_path.read_text():
         assert time.monotonic() < deadline + 30, log_path.read_text()[-3000:]

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from helpers import alive, launch_env, launch_to_success, max_weight_delta, slurm_env, submit
+from helpers import alive, launch_env, launch_to_success, max_weight_delta, slurm_env, submit, wait_for_backup
 
 TIMEOUT_S = 420
 BASE = ["--dataset=synthetic", "--model=mlp", "--reference_batch_size=64", "--seed=1", "--progress=epoch"]
@@ -91,16 +91,8 @@ def _rows(tune_dir):
 
 def _wait_for_backup(model_dir, tune: Tune, timeout_s: float = 180):
     """Until the trial's chief has backed up past step 0 (its run is under way)."""
-    path, deadline = os.path.join(model_dir, "backup", "training_metadata.json"), time.monotonic() + timeout_s
-    while True:
-        try:
-            backup = json.loads(open(path).read())
-        except (OSError, ValueError):
-            backup = {}
-        if backup.get("steps_done", 0) > 0 or backup.get("epoch", 0) > 0:
-            return backup
-        assert time.monotonic() < deadline and tune.proc.poll() is None, tune.output[-4000:]
-        time.sleep(0.01)
+    return wait_for_backup(model_dir, lambda b: b.get("steps_done", 0) > 0 or b.get("epoch", 0) > 0, timeout_s,
+                           alive=lambda: tune.proc.poll() is None, report=lambda: tune.output[-4000:])
 
 
 def _starts(output: str, trial: str) -> int:
